@@ -1,0 +1,560 @@
+"""Tests of the SAM family against closed forms, direct computations and optax compositions."""
+
+import functools
+
+import chex
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import parameterized
+
+import sam_optax
+
+# A quadratic L(w) = 1/2 w^T A w with a known, non-isotropic Hessian; its gradient is A w.
+A = np.array([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.25]], np.float32)
+W0 = np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def quadratic_loss(w):
+    return 0.5 * w @ jnp.asarray(A) @ w
+
+
+quadratic_grad = jax.grad(quadratic_loss)
+
+
+def dual_direction(v, p):
+    """d(v) written out for a flat numpy vector."""
+    if p == 2:
+        return v / np.linalg.norm(v)
+    if np.isinf(p):
+        return np.sign(v)
+    q = p / (p - 1)
+    return np.sign(v) * np.abs(v) ** (q - 1) / np.sum(np.abs(v) ** q) ** ((q - 1) / q)
+
+
+def reference_sam(
+    w,
+    grad,
+    rho,
+    *,
+    adaptive=False,
+    eta=0.01,
+    normalize=True,
+    stable=False,
+    p=2.0,
+    steps=1,
+):
+    """The issue's formulas, one flat numpy vector at a time, in float64."""
+    w = np.asarray(w, np.float64)
+    g = grad(w)
+    t = np.abs(w) + eta if adaptive else np.ones_like(w)
+    eps = np.zeros_like(w)
+    g_i = g
+    for _ in range(steps):
+        direction = t * dual_direction(t * g_i, p) if normalize else t * t * g_i
+        eps = eps + rho / steps * direction
+        g_i = grad(w + eps)
+    if stable:
+        g_i = g_i * np.linalg.norm(g) / np.linalg.norm(g_i)
+    return g_i
+
+
+def numpy_quadratic_grad(w):
+    return A.astype(np.float64) @ w
+
+
+def run_update(tx, grads, params, grad_fn, state=None):
+    state = tx.init(params) if state is None else state
+    return tx.update(grads, state, params, grad_fn=grad_fn)
+
+
+VARIANTS = [
+    dict(testcase_name="sam"),
+    dict(testcase_name="stable_sam", stable=True),
+    dict(testcase_name="asam", adaptive=True, rho=0.5),
+    dict(testcase_name="asam_eta0", adaptive=True, rho=0.5, eta=0.0),
+    dict(testcase_name="stable_asam", adaptive=True, rho=0.5, stable=True),
+    dict(testcase_name="usam", normalize=False),
+    dict(testcase_name="stable_usam", normalize=False, stable=True),
+    dict(testcase_name="adaptive_usam", normalize=False, adaptive=True),
+    dict(testcase_name="sign", p=np.inf),
+    dict(testcase_name="l3", p=3.0),
+    dict(testcase_name="l1_5_stable", p=1.5, stable=True),
+    dict(testcase_name="two_steps", steps=2),
+    dict(testcase_name="five_steps_stable_asam", steps=5, adaptive=True, rho=1.0, stable=True),
+    dict(testcase_name="three_steps_sign", steps=3, p=np.inf),
+]
+
+
+class ClosedFormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(*VARIANTS)
+    def test_quadratic(self, rho=0.1, p=2.0, steps=1, **kw):
+        tx = sam_optax.sam(rho, ascent_norm=p, ascent_steps=steps, **kw)
+        params = jnp.asarray(W0)
+
+        @self.variant
+        def update(grads, params):
+            return run_update(tx, grads, params, quadratic_grad)
+
+        out, state = update(quadratic_grad(params), params)
+        expected = reference_sam(W0, numpy_quadratic_grad, rho, p=p, steps=steps, **kw)
+        np.testing.assert_allclose(out, expected, rtol=2e-5, atol=1e-6)
+        self.assertEqual(int(state.count), 1)
+
+    def test_usam_closed_form(self):
+        # USAM on a quadratic: g_sam = A (w + rho A w) = (A + rho A^2) w.
+        out, _ = run_update(sam_optax.usam(0.3), quadratic_grad(W0), W0, quadratic_grad)
+        np.testing.assert_allclose(out, (A + 0.3 * A @ A) @ W0, rtol=1e-5)
+
+    def test_sam_closed_form(self):
+        # SAM on a quadratic: g_sam = A w + rho A A w / ||A w||.
+        g = A @ W0
+        out, _ = run_update(sam_optax.sam(0.2), g, W0, quadratic_grad)
+        np.testing.assert_allclose(out, g + 0.2 * A @ g / np.linalg.norm(g), rtol=1e-5)
+
+    def test_shortcuts(self):
+        g = quadratic_grad(W0)
+        pairs = [
+            (sam_optax.stable_sam(0.1), dict(stable=True)),
+            (sam_optax.asam(), dict(adaptive=True, rho=0.5, eta=0.01)),
+            (sam_optax.usam(0.1), dict(normalize=False)),
+            (sam_optax.asam(1.0, stable=True), dict(adaptive=True, rho=1.0, stable=True)),
+            (sam_optax.stable_sam(0.1, normalize=False), dict(stable=True, normalize=False)),
+        ]
+        for tx, kw in pairs:
+            out, _ = run_update(tx, g, W0, quadratic_grad)
+            kw.setdefault("rho", 0.1)
+            np.testing.assert_allclose(
+                out, reference_sam(W0, numpy_quadratic_grad, **kw), rtol=2e-5
+            )
+
+
+def mlp_params(key, sizes=(4, 8, 3)):
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        key, k1, k2 = jax.random.split(key, 3)
+        params[f"layer{i}"] = {
+            "kernel": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
+            "bias": 0.1 * jax.random.normal(k2, (fan_out,)),
+        }
+    return params
+
+
+def mlp_loss(params, batch):
+    x, y = batch
+    for i in range(len(params)):
+        x = x @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"]
+        if i < len(params) - 1:
+            x = jnp.tanh(x)
+    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def mlp_batch(key, n=16):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, 4)), jax.random.randint(ky, (n,), 0, 3)
+
+
+class MLPTest(chex.TestCase):
+    """The pytree code against the same formulas on the flattened parameter vector."""
+
+    @parameterized.named_parameters(*VARIANTS)
+    def test_against_flat_reference(self, rho=0.1, p=2.0, steps=1, **kw):
+        params = mlp_params(jax.random.key(0))
+        batch = mlp_batch(jax.random.key(1))
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+
+        flat_grad_f32 = jax.jit(lambda v: jax.flatten_util.ravel_pytree(grad_fn(unravel(v)))[0])
+
+        def flat_grad(v):
+            return np.asarray(flat_grad_f32(jnp.asarray(v, jnp.float32)), np.float64)
+
+        tx = sam_optax.sam(rho, ascent_norm=p, ascent_steps=steps, **kw)
+        out, _ = jax.jit(functools.partial(run_update, tx, grad_fn=grad_fn))(
+            grad_fn(params), params
+        )
+        expected = reference_sam(np.asarray(flat), flat_grad, rho, p=p, steps=steps, **kw)
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(out)[0], expected, atol=2e-5)
+
+    def test_perturb_mask(self):
+        params = mlp_params(jax.random.key(0))
+        batch = mlp_batch(jax.random.key(1))
+        grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+        grads = grad_fn(params)
+        mask = {name: {"kernel": True, "bias": False} for name in params}
+        eps = sam_optax.perturbation(grads, params, rho=0.2, perturb_mask=mask)
+        for name in params:
+            np.testing.assert_array_equal(eps[name]["bias"], 0.0)
+        kernels = {name: grads[name]["kernel"] for name in params}
+        norm = optax.tree.norm(kernels)
+        for name in params:
+            np.testing.assert_allclose(eps[name]["kernel"], 0.2 * kernels[name] / norm, rtol=1e-5)
+        # A function of the params works too, and the output still covers every parameter.
+        tx = sam_optax.sam(0.2, perturb_mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
+        out, _ = run_update(tx, grads, params, grad_fn)
+        expected = grad_fn(jax.tree.map(jnp.add, params, eps))
+        chex.assert_trees_all_close(out, expected, rtol=1e-5)
+
+
+class DataParallelTest(chex.TestCase):
+    """m-sharpness semantics across 8 simulated devices, under pmap and shard_map."""
+
+    n_devices = 8
+
+    def setUp(self):
+        super().setUp()
+        self.params = mlp_params(jax.random.key(0))
+        x, y = mlp_batch(jax.random.key(1), n=4 * self.n_devices)
+        self.batches = (
+            x.reshape(self.n_devices, 4, 4),
+            y.reshape(self.n_devices, 4),
+        )
+
+    def sharded_batches(self, mesh):
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        return jax.device_put(self.batches, sharding)
+
+    def device_grad_fn(self, d):
+        batch = jax.tree.map(lambda b: b[d], self.batches)
+        return jax.grad(lambda q: mlp_loss(q, batch))
+
+    def expected(self, **kwargs):
+        return jax.jit(functools.partial(self._expected, **kwargs))()
+
+    def _expected(self, *, sync_ascent, stable, rho=0.1, steps=1):
+        """Per-device SAM gradients averaged, computed one device at a time."""
+        local_grads = [self.device_grad_fn(d)(self.params) for d in range(self.n_devices)]
+        mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *local_grads)
+        outs = []
+        for d in range(self.n_devices):
+            grad_fn = self.device_grad_fn(d)
+            if sync_ascent:
+                # Every device's ascent step starts from the averaged gradient.
+                def reduced(p, grad_fn=grad_fn):
+                    return jax.tree.map(
+                        lambda *g: sum(g) / len(g),
+                        *[self.device_grad_fn(e)(p) for e in range(self.n_devices)],
+                    )
+
+                eps = sam_optax.perturbation(
+                    mean_grad, self.params, rho=rho, ascent_steps=steps, grad_fn=reduced
+                )
+            else:
+                eps = sam_optax.perturbation(
+                    local_grads[d], self.params, rho=rho, ascent_steps=steps, grad_fn=grad_fn
+                )
+            outs.append(grad_fn(jax.tree.map(jnp.add, self.params, eps)))
+        out = jax.tree.map(lambda *g: sum(g) / len(g), *outs)
+        if stable:
+            out = optax.tree.scale(optax.tree.norm(mean_grad) / optax.tree.norm(out), out)
+        return out
+
+    def step(self, tx, axis_name=None):
+        def device_step(params, batch):
+            def loss(q):
+                return mlp_loss(q, batch)
+
+            # Inside shard_map, jax.grad of replicated params would sum over the devices.
+            local = params if axis_name is None else sam_optax.per_device(params, axis_name)
+            grads = jax.grad(loss)(local)
+            out, _ = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
+            return out
+
+        return device_step
+
+    @parameterized.parameters(
+        dict(sync_ascent=False, stable=False, steps=1),
+        dict(sync_ascent=True, stable=False, steps=1),
+        dict(sync_ascent=False, stable=True, steps=2),
+        dict(sync_ascent=True, stable=True, steps=2),
+    )
+    def test_pmap(self, sync_ascent, stable, steps):
+        tx = sam_optax.sam(
+            0.1, stable=stable, ascent_steps=steps, axis_name="batch", sync_ascent=sync_ascent
+        )
+        out = jax.pmap(self.step(tx), axis_name="batch", in_axes=(None, 0))(
+            self.params, self.batches
+        )
+        expected = self.expected(sync_ascent=sync_ascent, stable=stable, steps=steps)
+        for d in range(self.n_devices):  # every device holds the same averaged result
+            chex.assert_trees_all_close(jax.tree.map(lambda x, d=d: x[d], out), expected, atol=1e-6)
+
+    @parameterized.product(sync_ascent=(False, True), stable=(False, True))
+    def test_shard_map(self, sync_ascent, stable):
+        mesh = jax.make_mesh((self.n_devices,), ("data",))
+        P = jax.sharding.PartitionSpec
+        tx = sam_optax.sam(0.1, stable=stable, axis_name="data", sync_ascent=sync_ascent)
+
+        def device_step(params, batch):
+            return self.step(tx, "data")(params, jax.tree.map(lambda b: b[0], batch))
+
+        step = jax.jit(
+            jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+        )
+        out = step(self.params, self.sharded_batches(mesh))
+        expected = self.expected(sync_ascent=sync_ascent, stable=stable)
+        chex.assert_trees_all_close(out, expected, atol=1e-6)
+
+    def test_summed_gradient_is_refused(self):
+        mesh = jax.make_mesh((self.n_devices,), ("data",))
+        P = jax.sharding.PartitionSpec
+        tx = sam_optax.sam(0.1, axis_name="data")
+
+        def device_step(params, batch):
+            return self.step(tx)(params, jax.tree.map(lambda b: b[0], batch))
+
+        step = jax.jit(
+            jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+        )
+        with self.assertRaisesRegex(ValueError, r"sam_optax.per_device\(params, 'data'\)"):
+            step(self.params, self.sharded_batches(mesh))
+
+    def test_m_sharpness_differs_from_sync(self):
+        """Per-device ascent is not the global-batch ascent (or the test above proves nothing)."""
+        per_device = self.expected(sync_ascent=False, stable=False)
+        synced = self.expected(sync_ascent=True, stable=False)
+        diff = optax.tree.norm(jax.tree.map(jnp.subtract, per_device, synced))
+        self.assertGreater(float(diff), 1e-4)
+
+    def test_schedule_under_shard_map(self):
+        """A rho schedule (lax.cond around a collective) inside shard_map."""
+        mesh = jax.make_mesh((self.n_devices,), ("data",))
+        P = jax.sharding.PartitionSpec
+        schedule = optax.constant_schedule(0.1)
+        tx = sam_optax.sam(schedule, stable=True, axis_name="data", sync_ascent=True)
+
+        def device_step(params, batch):
+            return self.step(tx, "data")(params, jax.tree.map(lambda b: b[0], batch))
+
+        out = jax.jit(
+            jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+        )(self.params, self.sharded_batches(mesh))
+        chex.assert_trees_all_close(out, self.expected(sync_ascent=True, stable=True), atol=1e-6)
+
+
+def train(tx, steps=5, seed=0):
+    params = mlp_params(jax.random.key(seed))
+    batch = mlp_batch(jax.random.key(seed + 1))
+    grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+BASE_OPTIMIZERS = dict(
+    sgd=lambda: optax.sgd(0.1),
+    momentum=lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+    adam=lambda: optax.adam(1e-2),
+    adamw=lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    lion=lambda: optax.lion(1e-3),
+    clipped_sgd=lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1)),
+    decayed_sgd=lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1)),
+    masked_decay=lambda: optax.chain(
+        optax.masked(
+            optax.add_decayed_weights(5e-4), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+        ),
+        optax.sgd(0.1, momentum=0.9),
+    ),
+    cosine_sgd=lambda: optax.sgd(optax.cosine_decay_schedule(0.1, 10), momentum=0.9),
+)
+
+
+class CompositionTest(chex.TestCase):
+    @parameterized.named_parameters(*[(name, name) for name in BASE_OPTIMIZERS])
+    def test_chain(self, name):
+        """sam in front of any base optimizer = the base optimizer fed the SAM gradient."""
+        make = BASE_OPTIMIZERS[name]
+        params, _ = train(optax.chain(sam_optax.sam(0.05, stable=True), make()), steps=3)
+
+        batch = mlp_batch(jax.random.key(1))
+        grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+        base = make()
+        manual = mlp_params(jax.random.key(0))
+        state = base.init(manual)
+        for _ in range(3):
+            g_sam = reference_tree(manual, grad_fn, stable=True, rho=0.05)
+            updates, state = base.update(g_sam, state, manual)
+            manual = optax.apply_updates(manual, updates)
+        chex.assert_trees_all_close(params, manual, atol=1e-5)
+        chex.assert_tree_all_finite(params)
+
+    def test_rho_zero_is_the_base_optimizer(self):
+        base = optax.sgd(0.1, momentum=0.9)
+        sam_params, _ = train(optax.chain(sam_optax.sam(0.0), base))
+        schedule_params, _ = train(optax.chain(sam_optax.sam(optax.constant_schedule(0.0)), base))
+        stable_params, _ = train(optax.chain(sam_optax.sam(0.0, stable=True), base))
+        base_params, _ = train(base)
+        chex.assert_trees_all_equal(sam_params, base_params)
+        chex.assert_trees_all_equal(schedule_params, base_params)
+        chex.assert_trees_all_equal(stable_params, base_params)
+
+    def test_inject_hyperparams(self):
+        factory = optax.inject_hyperparams(
+            sam_optax.sam, static_args=("ascent_norm", "ascent_steps")
+        )
+        tx = optax.chain(factory(rho=0.05, stable=True), optax.sgd(0.1))
+        params, state = train(tx)
+        expected, _ = train(optax.chain(sam_optax.sam(0.05, stable=True), optax.sgd(0.1)))
+        chex.assert_trees_all_close(params, expected, atol=1e-6)
+        self.assertAlmostEqual(float(state[0].hyperparams["rho"]), 0.05)
+        # Changing rho in the state, as with any optax hyperparameter: 0 switches SAM off.
+        state[0].hyperparams["rho"] = jnp.asarray(0.0)
+        g = mlp_params(jax.random.key(3))
+        batch = mlp_batch(jax.random.key(1))
+        grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+        out, _ = jax.jit(functools.partial(tx.update, grad_fn=grad_fn))(g, state, params)
+        chex.assert_trees_all_close(out, optax.tree.scale(-0.1, g))
+        # A schedule of rho, too.
+        scheduled = factory(rho=optax.linear_schedule(0.0, 0.1, 4))
+        train(scheduled, steps=2)
+
+    def test_schedule_skips_second_pass(self):
+        """rho = 0 for 3 steps then 0.1: grad_fn runs only on the SAM steps, at run time."""
+        calls = []
+        batch = mlp_batch(jax.random.key(1))
+
+        def grad_fn(p):
+            jax.debug.callback(lambda: calls.append(1))
+            return jax.grad(lambda q: mlp_loss(q, batch))(p)
+
+        schedule = optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(0.1)], [3]
+        )
+        tx = optax.chain(sam_optax.sam(schedule), optax.sgd(0.1))
+        params = mlp_params(jax.random.key(0))
+        state = tx.init(params)
+        step = jax.jit(
+            lambda p, s: tx.update(jax.grad(lambda q: mlp_loss(q, batch))(p), s, p, grad_fn=grad_fn)
+        )
+        outs = []
+        for _ in range(5):
+            out, state = step(params, state)
+            jax.block_until_ready(out)
+            outs.append(out)
+        self.assertEqual(len(calls), 2)
+        g = jax.grad(lambda q: mlp_loss(q, batch))(params)
+        chex.assert_trees_all_close(outs[0], optax.tree.scale(-0.1, g), rtol=1e-5)
+        expected = reference_tree(params, lambda q: jax.grad(lambda r: mlp_loss(r, batch))(q))
+        chex.assert_trees_all_close(outs[4], optax.tree.scale(-0.1, expected), atol=1e-6)
+
+
+def reference_tree(params, grad_fn, *, rho=0.1, stable=False):
+    g = grad_fn(params)
+    eps = optax.tree.scale(rho / optax.tree.norm(g), g)
+    g_sam = grad_fn(jax.tree.map(jnp.add, params, eps))
+    if stable:
+        g_sam = optax.tree.scale(optax.tree.norm(g) / optax.tree.norm(g_sam), g_sam)
+    return g_sam
+
+
+class NumericsTest(chex.TestCase):
+    @parameterized.product(
+        variant=(
+            dict(),
+            dict(stable=True),
+            dict(adaptive=True, stable=True),
+            dict(ascent_norm=np.inf),
+            dict(ascent_norm=3.0, stable=True),
+            dict(normalize=False, stable=True),
+            dict(ascent_steps=3, stable=True),
+        )
+    )
+    def test_zero_gradient_gives_no_nan(self, variant):
+        params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        out, _ = run_update(sam_optax.sam(0.1, **variant), zeros, params, lambda p: zeros)
+        chex.assert_trees_all_equal(out, zeros)
+
+    def test_low_precision_dtype(self):
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), mlp_params(jax.random.key(0)))
+        batch = mlp_batch(jax.random.key(1))
+        grad_fn = jax.grad(lambda q: mlp_loss(q, batch))
+        grads = grad_fn(params)
+        out, _ = run_update(sam_optax.sam(0.05, stable=True, adaptive=True), grads, params, grad_fn)
+        chex.assert_trees_all_equal_dtypes(out, grads)
+        chex.assert_tree_all_finite(out)
+        # Renormalized in float32: the bf16 output's norm matches ||g|| to bf16 precision.
+        np.testing.assert_allclose(optax.tree.norm(out), optax.tree.norm(grads), rtol=1e-2)
+
+    @hypothesis.settings(max_examples=25, deadline=None)
+    @hypothesis.given(
+        g=hnp.arrays(np.float32, (5,), elements=dict(min_value=-10, max_value=10)),
+        b=hnp.arrays(np.float32, (2, 3), elements=dict(min_value=-10, max_value=10)),
+        rho=hypothesis.strategies.floats(0.0, 2.0),
+        adaptive=hypothesis.strategies.booleans(),
+        normalize=hypothesis.strategies.booleans(),
+    )
+    def test_stable_keeps_gradient_norm(self, g, b, rho, adaptive, normalize):
+        """||StableSAM output|| = ||g|| for any pytree, whatever the perturbed gradient."""
+        params = {"a": jnp.linspace(-1.0, 1.0, 5), "b": {"c": jnp.ones((2, 3))}}
+        grads = {"a": jnp.asarray(g), "b": {"c": jnp.asarray(b)}}
+
+        def grad_fn(p):  # a non-linear "gradient" so that g_sam is not parallel to g
+            return jax.tree.map(lambda x, y: jnp.sin(3 * x) + y, p, grads)
+
+        tx = sam_optax.sam(rho, stable=True, adaptive=adaptive, normalize=normalize)
+        out, _ = run_update(tx, grads, params, grad_fn)
+        g_norm = float(optax.tree.norm(grads))
+        if float(optax.tree.norm(grad_fn(params))) > 1e-3:
+            np.testing.assert_allclose(optax.tree.norm(out), g_norm, rtol=1e-5, atol=1e-5)
+
+
+class ArgumentTest(chex.TestCase):
+    @parameterized.named_parameters(
+        ("negative_rho", dict(rho=-0.1), ValueError, "rho must be a non-negative"),
+        ("nan_rho", dict(rho=float("nan")), ValueError, "rho must be a non-negative"),
+        ("negative_eta", dict(eta=-1.0), ValueError, "eta must be >= 0"),
+        ("norm_one", dict(ascent_norm=1.0), ValueError, "ascent_norm"),
+        ("norm_half", dict(ascent_norm=0.5), ValueError, "ascent_norm"),
+        ("norm_string", dict(ascent_norm="2"), ValueError, "ascent_norm"),
+        ("zero_steps", dict(ascent_steps=0), ValueError, "ascent_steps must be >= 1"),
+        ("float_steps", dict(ascent_steps=2.0), TypeError, "ascent_steps must be an int"),
+        ("bool_steps", dict(ascent_steps=True), TypeError, "ascent_steps must be an int"),
+        ("sync_without_axis", dict(sync_ascent=True), ValueError, "axis_name"),
+    )
+    def test_bad_arguments(self, kwargs, error, message):
+        with self.assertRaisesRegex(error, message):
+            sam_optax.sam(**kwargs)
+
+    def test_shortcuts_check_too(self):
+        with self.assertRaisesRegex(ValueError, "rho"):
+            sam_optax.asam(rho=-1.0)
+        with self.assertRaisesRegex(ValueError, "eta"):
+            sam_optax.asam(eta=-0.1)
+
+    def test_missing_grad_fn(self):
+        tx = optax.chain(sam_optax.sam(), optax.sgd(0.1))
+        params = {"w": jnp.ones(3)}
+        with self.assertRaisesRegex(TypeError, r"grad_fn=lambda p: jax.grad\(loss_fn\)"):
+            tx.update(params, tx.init(params), params)
+
+    def test_missing_params(self):
+        tx = sam_optax.sam()
+        with self.assertRaisesRegex(ValueError, "params"):
+            tx.update({"w": jnp.ones(3)}, tx.init(None), grad_fn=lambda p: p)
+
+    def test_traced_hyperparameters_are_not_checked_at_trace_time(self):
+        @jax.jit
+        def build_and_run(rho, eta):
+            tx = sam_optax.sam(rho, eta=eta, adaptive=True)
+            return run_update(tx, quadratic_grad(W0), jnp.asarray(W0), quadratic_grad)[0]
+
+        expected = reference_sam(W0, numpy_quadratic_grad, 0.5, adaptive=True, eta=0.01)
+        np.testing.assert_allclose(build_and_run(0.5, 0.01), expected, rtol=2e-5)
+
+
+if __name__ == "__main__":
+    import absl.testing.absltest
+
+    absl.testing.absltest.main()
