@@ -60,13 +60,19 @@ def _check_args(rho, eta, ascent_norm, ascent_steps) -> None:
     eta_value = _concrete_float(eta)
     if eta_value is not None and not eta_value >= 0:
         raise ValueError(f"eta must be >= 0 (ASAM's default is 0.01), got {eta!r}.")
+    static_hint = (
+        " With optax.inject_hyperparams, list it in static_args=('ascent_norm', 'ascent_steps')."
+        if isinstance(ascent_norm, jax.Array) or isinstance(ascent_steps, jax.Array)
+        else ""
+    )
     if not isinstance(ascent_norm, numbers.Real) or not float(ascent_norm) > 1:
         raise ValueError(
-            f"ascent_norm is the p of the L-p ball of the ascent and must be a number > 1 "
+            "ascent_norm is the p of the L-p ball of the ascent and must be a Python number > 1 "
             f"(2.0 for SAM, float('inf') for a sign/FGSM-style ascent), got {ascent_norm!r}."
+            + static_hint
         )
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, numbers.Integral):
-        raise TypeError(f"ascent_steps must be an int >= 1, got {ascent_steps!r}.")
+        raise TypeError(f"ascent_steps must be an int >= 1, got {ascent_steps!r}." + static_hint)
     if ascent_steps < 1:
         raise ValueError(f"ascent_steps must be >= 1 (1 is plain SAM), got {ascent_steps!r}.")
 

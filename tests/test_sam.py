@@ -527,6 +527,11 @@ class ArgumentTest(chex.TestCase):
         with self.assertRaisesRegex(error, message):
             sam_optax.sam(**kwargs)
 
+    def test_inject_hyperparams_needs_static_ascent_args(self):
+        tx = optax.inject_hyperparams(sam_optax.sam)(rho=0.05)
+        with self.assertRaisesRegex(ValueError, "static_args"):
+            tx.init({"w": jnp.ones(3)})
+
     def test_shortcuts_check_too(self):
         with self.assertRaisesRegex(ValueError, "rho"):
             sam_optax.asam(rho=-1.0)
