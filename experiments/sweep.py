@@ -1,0 +1,457 @@
+"""The StableSAM paper's protocol as one command: grid search, rho search, seeds, tables, plot.
+
+1. SGD grid over learning rate x weight decay ({0.01, 0.05, 0.1} x {1e-4, 5e-4, 1e-3}),
+   selected on the validation split;
+2. with that learning rate and weight decay fixed, rho over {0.05, 0.1, 0.2} ({0.5, 1.0, 2.0} for
+   the ASAM variants) for every SAM variant, selected on the validation split;
+3. the best configuration of SGD and of every variant with several seeds, reported as test
+   accuracy mean ± std (markdown and CSV), plus a plot of the training curves.
+
+Runs happen in-process (one after the other, each on all devices) under
+``<output-dir>/runs/<optimizer>-lr<lr>-wd<wd>[-rho<rho>]-s<seed>``. A run whose ``summary.json``
+exists is not run again and an interrupted one resumes from its checkpoint, so a sweep
+continues where it stopped when started again with the same command.
+
+Example::
+
+  python -m experiments.sweep --dataset cifar10 --model resnet18 --epochs 200 \
+      --output-dir sweeps/c10-r18
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from experiments import config as config_lib
+from experiments.config import TrainConfig
+
+SAM_VARIANTS = tuple(name for name in config_lib.OPTIMIZERS if name != "sgd")
+ADAPTIVE_VARIANTS = ("asam", "ssam-asam")
+SELECTION_METRICS = ("final_val_accuracy", "best_val_accuracy")
+
+# Training flags that the sweep itself sets.
+_SWEPT_FIELDS = (
+    "optimizer",
+    "rho",
+    "learning_rate",
+    "weight_decay",
+    "seed",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "stop_after_epoch",
+)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 0.01,0.05,0.1; got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _optimizers(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in SAM_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown SAM variant(s) {unknown}; choose from {', '.join(SAM_VARIANTS)}"
+        )
+    return names
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """The grids of the protocol; every training flag not swept comes from `base`."""
+
+    base: TrainConfig
+    output_dir: str
+    learning_rates: tuple[float, ...] = (0.01, 0.05, 0.1)
+    weight_decays: tuple[float, ...] = (1e-4, 5e-4, 1e-3)
+    optimizers: tuple[str, ...] = SAM_VARIANTS
+    rhos: tuple[float, ...] = (0.05, 0.1, 0.2)
+    asam_rhos: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seeds: int = 3
+    selection: str = "final_val_accuracy"
+
+    def rho_grid(self, optimizer: str) -> tuple[float, ...]:
+        return self.asam_rhos if optimizer in ADAPTIVE_VARIANTS else self.rhos
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description=(
+            "Run the StableSAM paper's protocol: SGD grid over learning rate x weight decay, "
+            "rho grid per SAM variant, then several seeds of each best configuration; write "
+            "table.md, table.csv, results.csv and curves.png to --output-dir."
+        ),
+    )
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--output-dir", required=True, help="Directory of the sweep.")
+    sweep.add_argument(
+        "--lrs",
+        type=_floats,
+        default=(0.01, 0.05, 0.1),
+        help="Learning rates of the SGD grid (default: 0.01,0.05,0.1).",
+    )
+    sweep.add_argument(
+        "--wds",
+        type=_floats,
+        default=(1e-4, 5e-4, 1e-3),
+        help="Weight decays of the SGD grid (default: 1e-4,5e-4,1e-3).",
+    )
+    sweep.add_argument(
+        "--optimizers",
+        type=_optimizers,
+        default=SAM_VARIANTS,
+        help=f"SAM variants to compare with SGD (default: {','.join(SAM_VARIANTS)}). The "
+        "StableSAM paper's SAM/SSAM are our usam/ssam-usam.",
+    )
+    sweep.add_argument(
+        "--rhos",
+        type=_floats,
+        default=(0.05, 0.1, 0.2),
+        help="rho grid of the non-adaptive variants (default: 0.05,0.1,0.2).",
+    )
+    sweep.add_argument(
+        "--asam-rhos",
+        type=_floats,
+        default=(0.5, 1.0, 2.0),
+        help="rho grid of asam and ssam-asam (default: 0.5,1.0,2.0).",
+    )
+    sweep.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="Seeds (0..N-1) of each best configuration (default: 3).",
+    )
+    sweep.add_argument(
+        "--selection",
+        choices=SELECTION_METRICS,
+        default="final_val_accuracy",
+        help="Validation metric that picks the best configuration (default: the accuracy at "
+        "the end of training, the epoch whose test accuracy is reported).",
+    )
+    training = parser.add_argument_group("training (every run of the sweep)")
+    config_lib.add_arguments(training, exclude=_SWEPT_FIELDS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
+    base = config_lib.from_args(args, output_dir="", optimizer="sgd")
+    return SweepConfig(
+        base=base,
+        output_dir=args.output_dir,
+        learning_rates=args.lrs,
+        weight_decays=args.wds,
+        optimizers=args.optimizers,
+        rhos=args.rhos,
+        asam_rhos=args.asam_rhos,
+        seeds=args.seeds,
+        selection=args.selection,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Runs.
+# --------------------------------------------------------------------------------------------
+
+
+def run_dir_name(optimizer: str, lr: float, wd: float, rho: float, seed: int) -> str:
+    name = f"{optimizer}-lr{lr:g}-wd{wd:g}"
+    if optimizer != "sgd":
+        name += f"-rho{rho:g}"
+    return f"{name}-s{seed}"
+
+
+TrainFn = Callable[[TrainConfig], Mapping[str, Any]]
+
+
+class Runner:
+    """Runs (or reuses) one training run per configuration and records its summary."""
+
+    def __init__(self, sweep: SweepConfig, train_fn: TrainFn | None = None):
+        self.sweep = sweep
+        self.results: list[dict[str, Any]] = []
+        if train_fn is None:
+            from experiments import train_lib
+
+            train_fn = train_lib.train
+        self.train_fn = train_fn
+
+    def run(
+        self, phase: str, optimizer: str, lr: float, wd: float, rho: float, seed: int
+    ) -> dict[str, Any]:
+        output_dir = os.path.join(
+            self.sweep.output_dir, "runs", run_dir_name(optimizer, lr, wd, rho, seed)
+        )
+        summary_path = os.path.join(output_dir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            print(f"[sweep] {phase}: {output_dir} already done, skipped.")
+        else:
+            print(f"[sweep] {phase}: training {output_dir}")
+            config = dataclasses.replace(
+                self.sweep.base,
+                optimizer=optimizer,
+                rho=rho if optimizer != "sgd" else None,
+                learning_rate=lr,
+                weight_decay=wd,
+                seed=seed,
+                # SAM-only knobs stay off for the SGD baseline.
+                sam_start_epoch=0 if optimizer == "sgd" else self.sweep.base.sam_start_epoch,
+                adaptive=False if optimizer == "sgd" else self.sweep.base.adaptive,
+                output_dir=output_dir,
+                # Continues an interrupted run; starts afresh where there is nothing yet.
+                resume=True,
+                overwrite=False,
+                stop_after_epoch=0,
+            )
+            summary = dict(self.train_fn(config))
+        record = {
+            "phase": phase,
+            "optimizer": optimizer,
+            "learning_rate": lr,
+            "weight_decay": wd,
+            "rho": rho if optimizer != "sgd" else 0.0,
+            "seed": seed,
+            "best_val_accuracy": summary.get("best_val_accuracy"),
+            "final_val_accuracy": summary.get("final_val_accuracy"),
+            "final_test_accuracy": summary.get("final_test_accuracy"),
+            "train_time_s": summary.get("train_time_s"),
+            "output_dir": output_dir,
+        }
+        self.results.append(record)
+        return record
+
+
+def select_best(records: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
+    """The record with the highest `metric`; the first one among ties (grid order)."""
+    if not records:
+        raise config_lib.ConfigError("No runs to select from: every grid is empty?")
+    missing = [r["output_dir"] for r in records if r.get(metric) is None]
+    if missing:
+        raise config_lib.ConfigError(
+            f"Runs without {metric} (no validation split?): {missing}. The protocol selects on "
+            "the validation split: pass --validation-size > 0."
+        )
+    best = records[0]
+    for record in records[1:]:
+        if record[metric] > best[metric]:
+            best = record
+    return best
+
+
+def run_sweep(sweep: SweepConfig, train_fn: TrainFn | None = None) -> list[dict[str, Any]]:
+    """Runs the three phases; returns the final table rows (also written to disk)."""
+    if sweep.base.validation_size == 0:  # None means the data set's default (> 0)
+        raise config_lib.ConfigError(
+            "The protocol selects on the validation split: pass --validation-size > 0."
+        )
+    os.makedirs(sweep.output_dir, exist_ok=True)
+    runner = Runner(sweep, train_fn)
+    metric = sweep.selection
+
+    # 1. SGD grid over learning rate x weight decay (seed 0).
+    grid = [
+        runner.run("lr/wd grid", "sgd", lr, wd, 0.0, 0)
+        for lr in sweep.learning_rates
+        for wd in sweep.weight_decays
+    ]
+    best_sgd = select_best(grid, metric)
+    lr, wd = best_sgd["learning_rate"], best_sgd["weight_decay"]
+    print(f"[sweep] best SGD: lr {lr:g}, wd {wd:g} ({metric} {best_sgd[metric]:.4f})")
+
+    # 2. rho grid per SAM variant, lr and wd fixed (seed 0).
+    best = {"sgd": best_sgd}
+    for optimizer in sweep.optimizers:
+        records = [
+            runner.run("rho grid", optimizer, lr, wd, rho, 0) for rho in sweep.rho_grid(optimizer)
+        ]
+        best[optimizer] = select_best(records, metric)
+        print(f"[sweep] best {optimizer}: rho {best[optimizer]['rho']:g}")
+
+    # 3. Seeds of every best configuration (seed 0 is the run already made).
+    table = []
+    for optimizer, chosen in best.items():
+        seeds = [
+            runner.run("seeds", optimizer, lr, wd, chosen["rho"], seed)
+            for seed in range(sweep.seeds)
+        ]
+        table.append(_table_row(optimizer, chosen["rho"], lr, wd, seeds))
+
+    write_results(sweep.output_dir, runner.results, table, sweep)
+    return table
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table_row(optimizer, rho, lr, wd, seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    test_mean, test_std = _mean_std([100 * r["final_test_accuracy"] for r in seeds])
+    val_mean, val_std = _mean_std([100 * r["final_val_accuracy"] for r in seeds])
+    return {
+        "optimizer": optimizer,
+        "rho": rho,
+        "learning_rate": lr,
+        "weight_decay": wd,
+        "seeds": len(seeds),
+        "test_accuracy_mean": test_mean,
+        "test_accuracy_std": test_std,
+        "val_accuracy_mean": val_mean,
+        "val_accuracy_std": val_std,
+        "run_dirs": [r["output_dir"] for r in seeds],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs.
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> str:
+    # The data-set defaults filled in, for the caption.
+    base = config_lib.resolve(
+        dataclasses.replace(
+            sweep.base, optimizer="sgd", sam_start_epoch=0, adaptive=False, output_dir="-"
+        )
+    )
+    lines = [
+        f"Test accuracy (%) on {base.dataset}, {base.model}, {base.epochs} epochs, batch "
+        f"{base.batch_size}: mean ± std (sample std, n-1) over seeds; hyper-parameters "
+        f"selected on {base.validation_size} validation images by {sweep.selection}."
+        + (
+            f" SAM variants train with SGD until epoch {sweep.base.sam_start_epoch} (late-phase)."
+            if sweep.base.sam_start_epoch
+            else ""
+        ),
+        "",
+        "| optimizer | rho | lr | wd | test acc (%) | val acc (%) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        rho = "-" if row["optimizer"] == "sgd" else f"{row['rho']:g}"
+        lines.append(
+            f"| {row['optimizer']} | {rho} | {row['learning_rate']:g} | "
+            f"{row['weight_decay']:g} | {row['test_accuracy_mean']:.2f} ± "
+            f"{row['test_accuracy_std']:.2f} | {row['val_accuracy_mean']:.2f} ± "
+            f"{row['val_accuracy_std']:.2f} | {row['seeds']} |"
+        )
+    lines += [
+        "",
+        "Names: sam = Foret et al.'s normalized SAM (the StableSAM paper's SAM†); usam = "
+        "unnormalized SAM (the paper's \"SAM\"); ssam-usam = the paper's SSAM.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()})
+
+
+def write_results(
+    output_dir: str,
+    results: Sequence[Mapping[str, Any]],
+    table: Sequence[Mapping[str, Any]],
+    sweep: SweepConfig,
+) -> None:
+    """results.csv (every run), table.csv and table.md (the final table), curves.png."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    _write_csv(os.path.join(output_dir, "results.csv"), results)
+    _write_csv(os.path.join(output_dir, "table.csv"), table)
+    text = markdown_table(table, sweep)
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(text)
+    plot_curves(table, os.path.join(output_dir, "curves.png"))
+    print(text)
+    print(f"[sweep] wrote {output_dir}/table.md, table.csv, results.csv and curves.png")
+
+
+def _read_rows(run_dir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Training loss, validation and test accuracy per epoch, mean over seeds, per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("train_loss", "training loss"),
+        ("val_accuracy", "validation accuracy (%)"),
+        ("test_accuracy", "test accuracy (%)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for row in table:
+        runs = [_read_rows(d) for d in row["run_dirs"]]
+        label = (
+            row["optimizer"]
+            if row["optimizer"] == "sgd"
+            else f"{row['optimizer']} ({row['rho']:g})"
+        )
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            by_epoch: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    if key in r:
+                        scale = 100.0 if key.endswith("accuracy") else 1.0
+                        by_epoch.setdefault(r["epoch"], []).append(scale * r[key])
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], label=label)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    sweep = parse_args(argv)
+    from experiments import train_lib
+
+    train_lib.maybe_initialize_distributed(sweep.base.distributed)
+    try:
+        return run_sweep(sweep)
+    except (config_lib.ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
