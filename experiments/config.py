@@ -116,7 +116,7 @@ class TrainConfig:
         choices=("float32", "bfloat16"),
     )
     # Optimizer.
-    optimizer: str = _field("sgd", _OPTIMIZER_HELP, choices=OPTIMIZERS)
+    optimizer: str = _field("ssam", _OPTIMIZER_HELP, choices=OPTIMIZERS)
     rho: float | None = _field(
         None,
         "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and ssam-asam.",

@@ -20,7 +20,9 @@ To measure over a whole data set with bounded memory, build the loss with :func:
   gap = sharpness.sam_sharpness(loss_fn, params, rho=0.05)
 
 All functions are pure and trace under ``jax.jit`` (make ``loss_fn`` and the integer options
-static, e.g. by closing over them).
+static, e.g. by closing over them). Called outside ``jit``, :func:`top_hessian_eigenvalues` and
+:func:`hessian_trace` compile themselves once per ``loss_fn`` object (and shapes/options): pass the
+same function object on repeated calls, e.g. at every evaluation during training, to reuse it.
 
 References:
   C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
@@ -60,6 +62,17 @@ LossFn = Callable[[Params], jax.Array]
 # exact breakdown (an invariant subspace was found) and the iteration restarts from a fresh random
 # direction; float32 rounding after full reorthogonalization sits around 1e-7 of that scale.
 _BREAKDOWN_RTOL = 1e-6
+
+
+def _static(loss_fn: LossFn) -> LossFn:
+    """loss_fn itself if hashable (a jit cache key), else a wrapper (compiles on every call)."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function params -> scalar, got {type(loss_fn)}.")
+    try:
+        hash(loss_fn)
+    except TypeError:
+        return lambda params: loss_fn(params)
+    return loss_fn
 
 
 def _check_key(key: Any, name: str) -> None:
@@ -235,7 +248,7 @@ def top_hessian_eigenvalues(
     n = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     if k > n:
         raise ValueError(f"k={k} is larger than the number of parameters ({n}).")
-    return _top_eigenvalues(loss_fn, params, key, int(k), min(int(num_iters), n), method)
+    return _top_eigenvalues(_static(loss_fn), params, key, int(k), min(int(num_iters), n), method)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
@@ -284,7 +297,7 @@ def hessian_trace(
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     _check_params(params)
-    return _hutchinson(loss_fn, params, key, int(num_samples))
+    return _hutchinson(_static(loss_fn), params, key, int(num_samples))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

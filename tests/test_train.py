@@ -91,7 +91,7 @@ def test_help_lists_every_flag(capsys):
 
 def test_resolve_fills_dataset_and_optimizer_defaults():
     default = config_lib.resolve(config_lib.TrainConfig())
-    assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "sgd")
+    assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "ssam")
     assert default.epochs == 5 and default.output_dir
     cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="ssam"))
     assert cifar.epochs == 200 and cifar.validation_size == 5000 and cifar.rho == 0.05
