@@ -4,6 +4,7 @@
 >>> updates, state = tx.update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))
 """
 
+from sam_optax import sharpness
 from sam_optax._sam import (
     SAMState,
     asam,
@@ -21,6 +22,7 @@ __all__ = [
     "asam",
     "per_device",
     "perturbation",
+    "sharpness",
     "sam",
     "stable_sam",
     "usam",

@@ -263,7 +263,7 @@ def _ascend(
     def ascent_step(eps, g):
         return jax.tree.map(lambda e, d: e + step_size * d, eps, step(g))
 
-    eps = ascent_step(jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params), grads)
+    eps = jax.tree.map(lambda d: step_size * d, step(grads))
     if ascent_steps > 1:
         eps = jax.lax.fori_loop(
             1, ascent_steps, lambda _, e: ascent_step(e, reduce_grads(gradient_at(e))), eps
