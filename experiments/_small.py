@@ -24,6 +24,16 @@ from experiments import input_pipeline
 
 DATASETS = ("digits", "mnist5k")
 
+# The SAM variants the experiments compare: name -> (label, sam_optax.sam() keywords). The
+# StableSAM paper's "SAM" is the unnormalized ascent (USAM) and its SSAM the renormalized USAM.
+SAM_VARIANTS: dict[str, tuple[str, dict]] = {
+    "usam": ('USAM (paper\'s "SAM")', dict(normalize=False, stable=False)),
+    "ssam-usam": ("StableSAM on USAM (paper's SSAM)", dict(normalize=False, stable=True)),
+    "sam": ("SAM, normalized (paper's SAM\u2020)", dict(normalize=True, stable=False)),
+    "ssam": ("StableSAM on SAM", dict(normalize=True, stable=True)),
+}
+SAM_COLORS = {"usam": "C3", "ssam-usam": "C2", "sam": "C1", "ssam": "C0"}
+
 
 class MLP(nn.Module):
     """A ReLU multilayer perceptron: inputs [batch, features] -> logits [batch, num_outputs]."""

@@ -101,6 +101,14 @@ def _check_positive(name: str, value: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _projection_shortcut(block: nn.Module, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x, or a strided 1x1 conv + BN of it when the residual branch changed its shape."""
+    if x.shape == shape:
+        return x
+    shortcut = block.conv(block.features, (1, 1), block.strides, padding=0, name="proj_conv")(x)
+    return block.norm(name="proj_bn")(shortcut)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (post-activation); a 1x1 projection when the shape changes."""
 
@@ -117,13 +125,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(self.features, (3, 3), padding=1)(y)
         y = self.norm()(y)
-        shortcut = x
-        if x.shape != y.shape:
-            shortcut = self.conv(self.features, (1, 1), self.strides, padding=0, name="proj_conv")(
-                x
-            )
-            shortcut = self.norm(name="proj_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return nn.relu(y + _projection_shortcut(self, x, y.shape))
 
 
 class BottleneckBlock(nn.Module):
@@ -262,13 +264,7 @@ class ResNeXtBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(self.features, (1, 1), padding=0)(y)
         y = self.norm()(y)
-        shortcut = x
-        if x.shape != y.shape:
-            shortcut = self.conv(self.features, (1, 1), self.strides, padding=0, name="proj_conv")(
-                x
-            )
-            shortcut = self.norm(name="proj_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return nn.relu(y + _projection_shortcut(self, x, y.shape))
 
 
 class ResNeXt(nn.Module):

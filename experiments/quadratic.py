@@ -43,14 +43,8 @@ import sam_optax
 from experiments import _small
 
 # name -> (label, sam() keywords or None for plain gradient descent)
-METHODS: dict[str, tuple[str, dict | None]] = {
-    "gd": ("GD", None),
-    "usam": ('USAM (paper\'s "SAM")', dict(normalize=False, stable=False)),
-    "ssam-usam": ("StableSAM on USAM (paper's SSAM)", dict(normalize=False, stable=True)),
-    "sam": ("SAM, normalized (paper's SAM\u2020)", dict(normalize=True, stable=False)),
-    "ssam": ("StableSAM on SAM", dict(normalize=True, stable=True)),
-}
-COLORS = {"gd": "k", "usam": "C3", "ssam-usam": "C2", "sam": "C1", "ssam": "C0"}
+METHODS: dict[str, tuple[str, dict | None]] = {"gd": ("GD", None), **_small.SAM_VARIANTS}
+COLORS = {"gd": "k", **_small.SAM_COLORS}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
