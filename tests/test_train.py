@@ -102,7 +102,7 @@ def test_resolve_fills_dataset_and_optimizer_defaults():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(sam_start_epoch=2), "--sam-start-epoch needs a SAM optimizer"),
+        (dict(optimizer="sgd", sam_start_epoch=2), "--sam-start-epoch needs a SAM optimizer"),
         (dict(optimizer="sam", sam_start_epoch=9, epochs=5), "--sam-start-epoch must lie"),
         (dict(resume=True, overwrite=True), "exclude each other"),
         (dict(lr_schedule="multistep", lr_milestones="80;120"), "--lr-milestones"),
@@ -406,6 +406,6 @@ def test_refuses_to_reuse_a_non_empty_output_dir(tmp_path, dataset):
 
 def test_cli_reports_bad_configuration_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_cli.main(["--sam-start-epoch=2", f"--output-dir={tmp_path / 'x'}"])
+        train_cli.main(["--optimizer=sgd", "--sam-start-epoch=2", f"--output-dir={tmp_path / 'x'}"])
     assert exit_info.value.code == 2
     assert "--sam-start-epoch needs a SAM optimizer" in capsys.readouterr().err
