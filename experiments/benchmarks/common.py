@@ -1,0 +1,624 @@
+"""What the benchmark scripts share: machine description, interleaved timing, compiled-step
+analysis (FLOPs, memory, HLO op counts), the Flax training step under test, and result files.
+
+Timing protocol: every configuration is compiled first (compile time reported apart), then all
+configurations run round-robin, one step each per round, in a random order every round, so slow
+drifts of the machine (other jobs, thermal state) and the step before hit them alike. Each step
+is timed to ``jax.block_until_ready`` of its outputs, in wall-clock time and in process CPU time
+(all threads); the ratios are those of the medians after warm-up. On a shared machine the
+CPU-time ratio is the steadier one: it does not count the time other processes hold the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import input_pipeline, models, train_lib
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# CIFAR-10's per-channel mean and std in [0, 255] units (the benchmark data are synthetic, the
+# normalization is what a real run does).
+CIFAR10_MEAN = (125.3, 123.0, 113.9)
+CIFAR10_STD = (63.0, 62.1, 66.7)
+CIFAR_SHAPE = (32, 32, 3)
+
+# Forward FLOPs per 32x32 image (2 x MACs), as published (see shared/PAPERS.md, "Cost").
+PUBLISHED_FWD_GFLOPS = {"resnet18": 1.11, "wrn28_10": 10.5}
+
+# --quick: the zoo's small CNN cut down to two narrow layers, so that compiling its SAM step
+# takes seconds on a CPU.
+QUICK_SMALL_CNN = '{"features": [8, 16]}'
+
+
+# --------------------------------------------------------------------------------------------
+# The machine.
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, accelerators and library versions of this run."""
+    devices = jax.devices()
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": f"{len(devices)} x {devices[0].device_kind}",
+    }
+    for package in ("jax", "jaxlib", "flax", "optax", "torch"):
+        info[package] = _version(package)
+    return info
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> tuple[float, float, float]:
+    """``os.getloadavg()`` (1, 5, 15 minutes): how busy the machine was, so noise is visible."""
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One timed step: wall-clock seconds, process CPU seconds (all threads), and the seconds
+    until the call returned (host-side dispatch, before the device finished)."""
+
+    wall_s: float
+    cpu_s: float
+    dispatch_s: float
+
+
+@dataclasses.dataclass
+class Bench:
+    """One configuration under test: `step()` launches one step and returns what to wait for;
+    `block(out)` waits for it (``jax.block_until_ready`` by default)."""
+
+    name: str
+    step: Callable[[], Any]
+    block: Callable[[Any], Any] = jax.block_until_ready
+
+    def timed_step(self) -> Sample:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        out = self.step()
+        dispatched = time.perf_counter()
+        self.block(out)
+        wall1, cpu1 = time.perf_counter(), time.process_time()
+        return Sample(wall1 - wall0, cpu1 - cpu0, dispatched - wall0)
+
+
+def interleave(
+    benches: Sequence[Bench],
+    *,
+    warmup: int,
+    rounds: int,
+    max_seconds: float | None = None,
+    min_rounds: int = 3,
+    log: Callable[[str], None] = print,
+    seed: int = 0,
+) -> dict[str, list[Sample]]:
+    """Runs the configurations round-robin and returns each one's timed samples.
+
+    `warmup` rounds are run and dropped. Then up to `rounds` rounds are timed, fewer when
+    `max_seconds` (counted from the first timed round) runs out, but never fewer than
+    `min_rounds`. Each round runs the configurations in a fresh random order (seeded): a fixed
+    or rotating order would always put the same configuration after the same one, and a step
+    can be slowed by the one before it (memory freed and faulted in again, caches).
+    """
+    order_rng = random.Random(seed)
+    samples: dict[str, list[Sample]] = {b.name: [] for b in benches}
+    for r in range(warmup):
+        for bench in benches:
+            sample = bench.timed_step()
+            log(f"  warm-up {r + 1}/{warmup} {bench.name:<28} {sample.wall_s * 1e3:10.1f} ms")
+    start = time.perf_counter()
+    for r in range(rounds):
+        if (
+            max_seconds is not None
+            and r >= min_rounds
+            and time.perf_counter() - start > max_seconds
+        ):
+            log(f"  time budget of {max_seconds:.0f} s spent after {r} rounds")
+            break
+        for bench in order_rng.sample(list(benches), len(benches)):
+            samples[bench.name].append(bench.timed_step())
+        log(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {s[-1].wall_s * 1e3:.0f} ms" for n, s in samples.items())
+        )
+    return samples
+
+
+def summarize(samples: Sequence[Sample]) -> dict[str, float]:
+    """Medians (and min, quartiles) of a configuration's samples, in milliseconds."""
+    walls = [s.wall_s * 1e3 for s in samples]
+    quartiles = statistics.quantiles(walls, n=4) if len(walls) > 1 else [walls[0]] * 3
+    return {
+        "n": len(samples),
+        "median_ms": statistics.median(walls),
+        "min_ms": min(walls),
+        "p25_ms": quartiles[0],
+        "p75_ms": quartiles[2],
+        "cpu_median_ms": statistics.median(s.cpu_s * 1e3 for s in samples),
+        "dispatch_median_ms": statistics.median(s.dispatch_s * 1e3 for s in samples),
+    }
+
+
+def samples_rows(samples: Mapping[str, Sequence[Sample]], **labels: Any) -> list[dict[str, Any]]:
+    """The raw samples as rows (for the results JSON)."""
+    return [
+        {**labels, "config": name, "index": i, **dataclasses.asdict(s)}
+        for name, values in samples.items()
+        for i, s in enumerate(values)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled-step analysis.
+# --------------------------------------------------------------------------------------------
+
+
+def compile_timed(jitted: Callable, *args: Any) -> tuple[Any, float]:
+    """``jitted.lower(*args).compile()`` and the seconds it took (tracing included)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def cost(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled executable: FLOPs and bytes accessed per call."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    return {
+        "xla_gflops": float(analysis.get("flops", float("nan"))) / 1e9,
+        "xla_gbytes_accessed": float(analysis.get("bytes accessed", float("nan"))) / 1e9,
+    }
+
+
+def memory(compiled: Any) -> dict[str, float]:
+    """The compiled executable's memory analysis in MiB: arguments, outputs, temporaries,
+    aliased (donated) bytes and their total argument + output + temp - alias."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    mib = 2**20
+    argument = stats.argument_size_in_bytes
+    output = stats.output_size_in_bytes
+    temp = stats.temp_size_in_bytes
+    alias = stats.alias_size_in_bytes
+    return {
+        "argument_mib": argument / mib,
+        "output_mib": output / mib,
+        "temp_mib": temp / mib,
+        "alias_mib": alias / mib,
+        "total_mib": (argument + output + temp - alias) / mib,
+    }
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+
+
+def hlo_op_counts(compiled: Any) -> collections.Counter:
+    """How often each HLO opcode occurs in the optimized module (fused computations included)."""
+    counts: collections.Counter = collections.Counter()
+    for line in compiled.as_text().splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            counts[match.group(1)] += 1
+    return counts
+
+
+HLO_OPS_OF_INTEREST = (
+    "convolution",
+    "custom-call",
+    "dot",
+    "fusion",
+    "conditional",
+    "while",
+    "all-reduce",
+    "reduce",
+    "copy",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The Flax training step under test (the project's own, from experiments.train_lib).
+# --------------------------------------------------------------------------------------------
+
+
+def benchmark_config(
+    model: str,
+    optimizer: str,
+    *,
+    batch_size: int = 128,
+    dtype: str = "float32",
+    model_kwargs: Mapping[str, Any] | None = None,
+    **overrides: Any,
+):
+    """A resolved ``TrainConfig`` for CIFAR-10-shaped data (nothing is loaded)."""
+    from experiments import config as config_lib
+
+    config = config_lib.TrainConfig(
+        dataset="cifar10",
+        model=model,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        dtype=dtype,
+        model_kwargs=json.dumps(dict(model_kwargs or {})),
+        epochs=overrides.pop("epochs", 200),
+        output_dir=overrides.pop("output_dir", "/tmp/unused"),
+        progress=False,
+        **overrides,
+    )
+    return config_lib.resolve(config)
+
+
+def jnp_dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+@dataclasses.dataclass
+class FlaxStep:
+    """A compiled single-device training step with its own state and batch."""
+
+    name: str
+    compiled: Any
+    state: Any
+    images: jax.Array
+    labels: jax.Array
+    key: jax.Array
+    compile_s: float
+    # The jitted function the executable came from, kept alive with it (and used instead of the
+    # executable should JAX refuse a call to the ahead-of-time compiled one).
+    jitted: Callable | None = None
+
+    def __post_init__(self):
+        self.executable = self.compiled  # what analysis() reads, whatever runs the steps
+
+    def bench(self) -> Bench:
+        def step():
+            try:
+                self.state, metrics = self.compiled(self.state, self.images, self.labels, self.key)
+            except TypeError as error:
+                if self.jitted is None or self.compiled is self.jitted:
+                    raise
+                # Seen once with JAX 0.10.2 on a CPU: "Computation compiled for 210 inputs but
+                # called with 170". The arguments are checked before anything runs (nothing is
+                # donated yet), so the jitted function can take over; it compiles on this call.
+                print(
+                    f"WARNING {self.name}: the AOT executable refused the call ({error}); "
+                    "falling back to jax.jit, this step includes a compile.",
+                    flush=True,
+                )
+                self.compiled = self.jitted
+                self.state, metrics = self.compiled(self.state, self.images, self.labels, self.key)
+            return self.state, metrics
+
+        return Bench(self.name, step)
+
+    def analysis(self) -> dict[str, Any]:
+        ops = hlo_op_counts(self.executable)
+        return {
+            "compile_s": self.compile_s,
+            **cost(self.executable),
+            **memory(self.executable),
+            **{f"hlo_{op}": ops.get(op, 0) for op in HLO_OPS_OF_INTEREST},
+        }
+
+
+def init_model(
+    model_name: str,
+    *,
+    num_classes: int = 10,
+    dtype: str = "float32",
+    model_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    image_shape: Sequence[int] = CIFAR_SHAPE,
+) -> tuple[Any, dict[str, Any]]:
+    """The Flax model of the zoo and its initial variables."""
+    model = models.create_model(
+        model_name, num_classes=num_classes, dtype=jnp_dtype(dtype), **dict(model_kwargs or {})
+    )
+    variables = models.init_variables(model, jax.random.PRNGKey(seed), (1, *image_shape))
+    return model, variables
+
+
+def synthetic_batch(
+    batch_size: int, image_shape: Sequence[int] = CIFAR_SHAPE, num_classes: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images and int32 labels (timing does not depend on the pixel values)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (batch_size,), dtype=np.int32)
+    return images, labels
+
+
+def flax_step(
+    name: str,
+    model: Any,
+    variables: Mapping[str, Any],
+    tx: optax.GradientTransformationExtraArgs,
+    *,
+    sam: bool,
+    batch_size: int,
+    dtype: str = "float32",
+    num_classes: int = 10,
+    image_shape: Sequence[int] = CIFAR_SHAPE,
+    seed: int = 0,
+) -> FlaxStep:
+    """Compiles ``train_lib.make_train_step`` (single device, state donated) for one config.
+
+    The state gets fresh copies of `variables`, so configurations never share (donated)
+    buffers. The step augments and normalizes the uint8 batch on the device, as in training.
+    """
+    preprocess = train_lib.Preprocess(mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp_dtype(dtype))
+    step_fn = train_lib.make_train_step(
+        model, tx, preprocess, num_classes=num_classes, sam=sam, axis_name=None
+    )
+    params = jax.tree.map(jnp.copy, variables["params"])
+    state = train_lib.TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=jax.tree.map(jnp.copy, variables.get("batch_stats", {})),
+        opt_state=tx.init(params),
+    )
+    images, labels = synthetic_batch(batch_size, image_shape, num_classes, seed)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    key = jax.random.PRNGKey(seed + 1)
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    compiled, seconds = compile_timed(jitted, state, images, labels, key)
+    return FlaxStep(name, compiled, state, images, labels, key, seconds, jitted)
+
+
+class TrainerStep:
+    """The compiled data-parallel step of a ``train_lib.Trainer`` (``train_lib.setup``), with
+    its (donated) state: the step the training loop runs, input pipeline included."""
+
+    def __init__(self, name: str, trainer: train_lib.Trainer):
+        self.name = name
+        self.trainer = trainer
+        self.state = trainer.state
+        self.split = trainer.splits["train"]
+        self.indices = trainer.epoch_indices(0)
+        self.compiled, self.compile_s = compile_timed(
+            trainer.train_step, self.state, self.split.images, self.split.labels, self.indices
+        )
+        self.executable = self.compiled  # what the analyses read, whatever runs the steps
+
+    def bench(self) -> Bench:
+        def step():
+            args = (self.state, self.split.images, self.split.labels, self.indices)
+            try:
+                self.state, metrics = self.compiled(*args)
+            except TypeError as error:
+                if self.compiled is self.trainer.train_step:
+                    raise
+                print(
+                    f"WARNING {self.name}: the AOT executable refused the call ({error}); "
+                    "falling back to jax.jit, this step includes a compile.",
+                    flush=True,
+                )
+                self.compiled = self.trainer.train_step
+                self.state, metrics = self.compiled(*args)
+            return self.state, metrics
+
+        return Bench(self.name, step)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a pytree."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def synthetic_dataset(
+    num_train: int,
+    *,
+    num_test: int = 0,
+    image_shape: Sequence[int] = CIFAR_SHAPE,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> input_pipeline.Dataset:
+    """A CIFAR-shaped uint8 data set of random pixels, for the real training loop."""
+    train_images, train_labels = synthetic_batch(num_train, image_shape, num_classes, seed)
+    test_images, test_labels = synthetic_batch(num_test, image_shape, num_classes, seed + 1)
+    empty_images = np.zeros((0, *image_shape), np.uint8)
+    return input_pipeline.Dataset(
+        name="cifar10",
+        train_images=train_images,
+        train_labels=train_labels,
+        val_images=empty_images,
+        val_labels=np.zeros((0,), np.int32),
+        test_images=test_images,
+        test_labels=test_labels,
+        num_classes=num_classes,
+        mean=CIFAR10_MEAN[: image_shape[-1]],
+        std=CIFAR10_STD[: image_shape[-1]],
+        random_flip=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line and result files.
+# --------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: int = 1) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A tiny model and batch, a few steps: checks that the script runs (seconds).",
+    )
+    parser.add_argument(
+        "--out-dir", default=RESULTS_DIR, help="Where to write CSV, markdown and JSON results."
+    )
+    parser.add_argument("--warmup", type=int, default=warmup, help="Untimed rounds first.")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="Timed rounds (one step per config each)."
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="Stop timing a group of configurations after this many minutes (at least 3 rounds).",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def command_line() -> str:
+    module = sys.modules["__main__"].__spec__
+    program = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *sys.argv[1:]])
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        magnitude = abs(value)
+        if 0 < magnitude < 0.01:
+            return f"{value:.2e}"
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def machine_markdown(machine: Mapping[str, Any], loads: Mapping[str, Any]) -> str:
+    versions = ", ".join(
+        f"{p} {machine[p]}" for p in ("jax", "jaxlib", "flax", "optax", "torch") if machine.get(p)
+    )
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+        f"{machine.get('memory_gib')} GiB; JAX backend {machine['jax_backend']} "
+        f"({machine['jax_devices']}); Python {machine['python']}; {versions}.\n"
+        f"Load average (1/5/15 min): "
+        + "; ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}/{v[2]:.2f}" for k, v in loads.items())
+        + "."
+    )
+
+
+def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_results(
+    name: str,
+    *,
+    title: str,
+    tables: Sequence[tuple[str, Sequence[Mapping[str, Any]], Sequence[str]]],
+    out_dir: str,
+    loads: Mapping[str, Any],
+    notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Prints the tables and writes ``<name>.csv`` (the first table, every column; further
+    tables as ``<name>_<heading>.csv``), ``<name>.md`` (all tables, machine, command, notes) and
+    ``<name>.json`` (everything)."""
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_info()
+    command = command_line()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"# {title}", "", f"`{command}` ({stamp})", "", machine_markdown(machine, loads), ""]
+    for heading, rows, columns in tables:
+        if heading:
+            parts += [f"## {heading}", ""]
+        parts += [markdown_table(rows, columns), ""]
+    if notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    text = "\n".join(parts)
+    print("\n" + text)
+
+    for index, (heading, rows, _) in enumerate(tables):
+        suffix = "" if index == 0 else "_" + re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")
+        _write_csv(os.path.join(out_dir, f"{name}{suffix}.csv"), rows)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    payload = {
+        "title": title,
+        "command": command,
+        "time": stamp,
+        "machine": machine,
+        "load_average": loads,
+        "tables": {heading or "main": list(rows) for heading, rows, _ in tables},
+        "notes": list(notes),
+        **(extra or {}),
+    }
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    print(f"Wrote {os.path.join(out_dir, name)}.{{csv,md,json}}")

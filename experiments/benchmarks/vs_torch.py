@@ -1,0 +1,250 @@
+"""sam_optax against PyTorch: a SAM training step of the CIFAR ResNet-18, images per second.
+
+    python -m experiments.benchmarks.vs_torch                       # CPU, float32, batch 128
+    python -m experiments.benchmarks.vs_torch --dtype bfloat16 --batch-size 512   # on a GPU
+    python -m experiments.benchmarks.vs_torch --quick
+
+Ours: the project's training step (``train_lib.make_train_step`` with
+``chain(sam_optax.sam(0.05), add_decayed_weights(5e-4), sgd(momentum 0.9))``) under ``jax.jit``.
+PyTorch: the same architecture (parameter counts checked equal) trained with the two-step SAM
+optimizer and a closure, as PyTorch users write it (``experiments.benchmarks.torch_sam``), SGD
+with momentum 0.9 and weight decay 5e-4. Same batch, same on-device augmentation, BatchNorm
+statistics from the first pass on both sides, same precision.
+
+Rows: on a CPU, PyTorch eager in NCHW with ``torch.set_num_threads(<cores>)`` (``--torch-compile``
+adds a torch.compile row). On a GPU, PyTorch at its best: channels_last, with ``--dtype
+bfloat16`` autocast to bf16 (AMP), eager and ``torch.compile(model)`` as a second row. Target on
+the GPU: images/s at least 1.3x PyTorch eager.
+"""
+
+from __future__ import annotations
+
+import os
+
+# JAX and PyTorch share the GPU in this process: JAX must not grab 75 % of its memory upfront.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+from experiments import models, train_lib  # noqa: E402
+from experiments.benchmarks import common  # noqa: E402
+
+STEPS_PER_EPOCH = 390
+
+
+def torch_bench(name, model, args, images, labels, *, amp_dtype, channels_last, device):
+    import torch
+
+    from experiments.benchmarks import torch_sam
+
+    optimizer = torch_sam.SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=args.rho,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
+    mean = torch.tensor(common.CIFAR10_MEAN, device=device)
+    std = torch.tensor(common.CIFAR10_STD, device=device)
+
+    def step():
+        return torch_sam.sam_train_step(
+            model,
+            optimizer,
+            images,
+            labels,
+            mean,
+            std,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+        )
+
+    def block(_):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return common.Bench(name, step, block)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument(
+        "--torch-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Add a torch.compile row (default: on a GPU only).",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (0: all cores)."
+    )
+    common.add_common_arguments(parser, rounds=4, warmup=1)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model_kwargs = '{"num_filters": 4, "stage_sizes": [1, 1]}'
+        args.batch_size, args.rounds, args.warmup = 4, 3, 1
+
+    import numpy as np
+    import torch
+
+    from experiments.benchmarks import torch_sam
+
+    loads = {"start": common.load_average()}
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    on_gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    use_compile = on_gpu if args.torch_compile is None else args.torch_compile
+    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    channels_last = on_gpu
+
+    # Ours.
+    model, variables = common.init_model(
+        "resnet18", dtype=args.dtype, model_kwargs=model_kwargs, seed=args.seed
+    )
+    config = common.benchmark_config(
+        "resnet18", "sam", batch_size=args.batch_size, dtype=args.dtype, model_kwargs=model_kwargs
+    )
+    tx = train_lib.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
+    ours = common.flax_step(
+        "sam_optax (jax.jit)",
+        model,
+        variables,
+        tx,
+        sam=True,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    print(f"sam_optax: compiled in {ours.compile_s:.1f} s")
+    flax_params = models.count_params(variables["params"])
+
+    # PyTorch, on the same batch.
+    images_np, labels_np = common.synthetic_batch(args.batch_size, seed=args.seed)
+    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(device)
+    labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
+
+    def torch_model():
+        net = torch_sam.ResNet(
+            num_blocks=tuple(model_kwargs.get("stage_sizes", (2, 2, 2, 2))),
+            num_filters=model_kwargs.get("num_filters", 64),
+        ).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    eager_name = (
+        "torch eager"
+        + (" channels_last" if channels_last else "")
+        + (" AMP bf16" if amp_dtype is not None else "")
+    )
+    torch_models = {eager_name: torch_model()}
+    if use_compile:
+        torch_models[eager_name.replace("eager", "torch.compile")] = torch.compile(torch_model())
+    torch_params = torch_sam.count_parameters(next(iter(torch_models.values())))
+    if torch_params != flax_params:
+        raise RuntimeError(f"Parameter counts differ: Flax {flax_params}, PyTorch {torch_params}.")
+
+    benches = [ours.bench()]
+    first_step_s = {ours.name: None}
+    for name, net in torch_models.items():
+        bench = torch_bench(
+            name,
+            net,
+            args,
+            images,
+            labels,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            device=device,
+        )
+        # The first steps build (torch.compile: compile) what later steps reuse.
+        start = time.perf_counter()
+        for _ in range(2):
+            bench.block(bench.step())
+        first_step_s[name] = time.perf_counter() - start
+        print(f"{name}: first two steps took {first_step_s[name]:.1f} s")
+        benches.append(bench)
+
+    samples = common.interleave(
+        benches,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+    )
+    rows = []
+    for bench in benches:
+        stats = common.summarize(samples[bench.name])
+        rows.append(
+            {
+                "implementation": bench.name,
+                "batch": args.batch_size,
+                "precision": args.dtype,
+                "device": device.type,
+                "threads": threads if device.type == "cpu" else None,
+                "params": flax_params,
+                **stats,
+                "images_per_s": args.batch_size / stats["median_ms"] * 1e3,
+                "compile_s": ours.compile_s if bench.name == ours.name else None,
+                "first_two_steps_s": first_step_s[bench.name],
+            }
+        )
+    for row in rows:
+        row["ours_speedup"] = rows[0]["images_per_s"] / row["images_per_s"]
+        row["ours_speedup_cpu_time"] = row["cpu_median_ms"] / rows[0]["cpu_median_ms"]
+    loads["end"] = common.load_average()
+    notes = [
+        "ours_speedup = images/s of sam_optax / images/s of the row (medians, round-robin "
+        "interleaved in one process); ours_speedup_cpu_time: the same from process CPU time.",
+        "PyTorch uses a constant learning rate (ours: cosine schedule); this changes no cost.",
+    ]
+    if not on_gpu:
+        notes.append(
+            "GPU rows (channels_last, AMP bf16, torch.compile) were not measured here (no GPU on "
+            "this machine)."
+        )
+    common.write_results(
+        "vs_torch" if not args.quick else "vs_torch_quick",
+        title="sam_optax vs PyTorch SAM (two-step optimizer with closure), ResNet-18",
+        tables=[
+            (
+                "",
+                rows,
+                [
+                    "implementation",
+                    "batch",
+                    "precision",
+                    "device",
+                    "threads",
+                    "params",
+                    "n",
+                    "median_ms",
+                    "min_ms",
+                    "cpu_median_ms",
+                    "images_per_s",
+                    "ours_speedup",
+                    "ours_speedup_cpu_time",
+                    "compile_s",
+                    "first_two_steps_s",
+                ],
+            )
+        ],
+        out_dir=args.out_dir,
+        loads=loads,
+        notes=notes,
+        extra={"samples": common.samples_rows(samples)},
+    )
+
+
+if __name__ == "__main__":
+    main()
