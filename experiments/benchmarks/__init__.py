@@ -13,9 +13,12 @@ Each script prints a table and writes ``results/<name>.csv``, ``results/<name>.m
   compile time and whole-epoch wall time through the real training loop (for a GPU).
 * ``python -m experiments.benchmarks.scaling`` -- the sharded SAM step on 1, 2, 4, 8 simulated
   CPU devices against one device doing the same work.
+* ``python -m experiments.benchmarks.conv_probe`` -- one convolution forward and backward in
+  XLA:CPU and PyTorch: where a CPU step's time goes.
 * ``python -m experiments.benchmarks.run_all`` -- all of the above, one after the other.
 
 Every script takes ``--quick`` (a tiny model and batch, seconds; what the smoke tests run) and
-``--out-dir``. Ratios are taken in one process, configurations interleaved round-robin, from
-medians of many steps after warm-up; compile time is reported apart.
+``--out-dir``. Ratios are taken in one process, configurations interleaved (each once per
+round, in a random order), from medians of the steps after warm-up; compile time is reported
+apart. See README.md here for the latest tables.
 """
