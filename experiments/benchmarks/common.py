@@ -141,6 +141,19 @@ class Bench:
         return Sample(wall1 - wall0, cpu1 - cpu0, dispatched - wall0)
 
 
+def interleave_with_args(
+    benches: Sequence[Bench], args: Any, log: Callable[[str], None] = print
+) -> dict[str, list[Sample]]:
+    """:func:`interleave` with the rounds and time limit of the common command-line flags."""
+    return interleave(
+        benches,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        log=log,
+    )
+
+
 def interleave(
     benches: Sequence[Bench],
     *,

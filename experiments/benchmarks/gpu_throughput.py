@@ -46,13 +46,7 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
             name = f"{optimizer} b{batch}"
             steps[(optimizer, batch)] = common.TrainerStep(name, train_lib.setup(config, dataset))
             log(f"{model_name} {name}: compiled in {steps[(optimizer, batch)].compile_s:.1f} s")
-    samples = common.interleave(
-        [s.bench() for s in steps.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-        log=log,
-    )
+    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     peak = args.peak_tflops * 1e12
     published = common.PUBLISHED_FWD_GFLOPS.get(model_name)
     if args.model_kwargs_dict:

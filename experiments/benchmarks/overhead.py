@@ -149,13 +149,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
         )
         log(f"{model_name} {name}: compiled in {steps[name].compile_s:.1f} s")
 
-    samples = common.interleave(
-        [s.bench() for s in steps.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-        log=log,
-    )
+    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     stats = {name: common.summarize(values) for name, values in samples.items()}
     analysis = {name: step.analysis() for name, step in steps.items()}
 

@@ -56,11 +56,9 @@ def worker(args: argparse.Namespace) -> None:
         mesh = train_lib.create_mesh(devices)
         steps[name] = common.TrainerStep(name, train_lib.setup(config, dataset, mesh))
         print(f"[{n} devices] {name}: compiled in {steps[name].compile_s:.1f} s", flush=True)
-    samples = common.interleave(
+    samples = common.interleave_with_args(
         [s.bench() for s in steps.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+        args,
         log=lambda line: print(f"[{n} devices]{line}", flush=True),
     )
     sharded, single = (common.summarize(samples[name]) for name in steps)

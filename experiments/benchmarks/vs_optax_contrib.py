@@ -111,13 +111,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
         f"(the step itself moved the params by up to {step_size:.3g})"
     )
 
-    samples = common.interleave(
-        [s.bench() for s in steps.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-        log=log,
-    )
+    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     rows = []
     for name, step in steps.items():
         stats = common.summarize(samples[name])

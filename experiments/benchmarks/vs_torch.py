@@ -176,12 +176,7 @@ def main(argv=None) -> None:
         print(f"{name}: first two steps took {first_step_s[name]:.1f} s")
         benches.append(bench)
 
-    samples = common.interleave(
-        benches,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-    )
+    samples = common.interleave_with_args(benches, args)
     rows = []
     for bench in benches:
         stats = common.summarize(samples[bench.name])
