@@ -16,42 +16,13 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "ssam", "asam", "ssam-asam", "usam", "ssam-usam")
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist5k", "digits")
-MODELS: tuple[str, ...] = (
-    "small_cnn",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "wrn28_10",
-    "wrn16_8",
-    "resnext29_32x4d",
-    "pyramidnet110_270",
-    "vgg16_bn",
-)
+from experiments import input_pipeline, models, presets, variants
 
-# Which sam_optax.sam() knobs each optimizer name stands for. The StableSAM paper (Tan et al.)
-# calls the *unnormalized* ascent "SAM"; here `sam` is Foret et al.'s normalized SAM and `usam`
-# the unnormalized one, so the paper's SSAM is `ssam-usam`.
-OPTIMIZER_KNOBS: dict[str, dict[str, bool]] = {
-    "sam": dict(normalize=True, stable=False, adaptive=False),
-    "ssam": dict(normalize=True, stable=True, adaptive=False),
-    "asam": dict(normalize=True, stable=False, adaptive=True),
-    "ssam-asam": dict(normalize=True, stable=True, adaptive=True),
-    "usam": dict(normalize=False, stable=False, adaptive=False),
-    "ssam-usam": dict(normalize=False, stable=True, adaptive=False),
-}
-
-# Default rho per optimizer: Foret et al.'s 0.05, ASAM's 0.5 (Kwon et al., CIFAR-10).
-DEFAULT_RHO: dict[str, float] = {
-    "sgd": 0.0,
-    "sam": 0.05,
-    "ssam": 0.05,
-    "asam": 0.5,
-    "ssam-asam": 0.5,
-    "usam": 0.05,
-    "ssam-usam": 0.05,
-}
+# Defined once, where they live: the data sets the pipeline loads, the models of the zoo and the
+# optimizers of the variant registry.
+DATASETS: tuple[str, ...] = input_pipeline.DATASETS
+MODELS: tuple[str, ...] = tuple(models.MODELS)
+OPTIMIZERS: tuple[str, ...] = variants.optimizer_names()
 
 # Data-set dependent defaults. CIFAR: the StableSAM protocol (200 epochs, batch 128, lr 0.1,
 # 5,000 validation images). The embedded sets are tiny, so a few epochs of small batches and a
@@ -62,13 +33,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist5k": dict(epochs=5, validation_size=500, batch_size=32, learning_rate=0.05),
     "digits": dict(epochs=10, validation_size=200, batch_size=32, learning_rate=0.05),
 }
-
-_OPTIMIZER_HELP = (
-    "sgd: SGD with momentum. sam: Foret et al.'s normalized SAM (eps = rho g/||g||). "
-    "ssam: StableSAM on normalized SAM. asam: adaptive SAM (Kwon et al.). ssam-asam: StableSAM "
-    "on ASAM. usam: unnormalized SAM (eps = rho g). ssam-usam: StableSAM on USAM. NOTE: the "
-    "StableSAM paper's 'SAM' is our usam and its 'SSAM' is our ssam-usam; its 'SAM†' is our sam."
-)
 
 
 class ConfigError(ValueError):
@@ -116,7 +80,7 @@ class TrainConfig:
         choices=("float32", "bfloat16"),
     )
     # Optimizer.
-    optimizer: str = _field("ssam", _OPTIMIZER_HELP, choices=OPTIMIZERS)
+    optimizer: str = _field("ssam", variants.optimizer_help(), choices=OPTIMIZERS)
     rho: float | None = _field(
         None,
         "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and ssam-asam.",
@@ -244,7 +208,7 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
 def run_name(config: TrainConfig) -> str:
     """A readable directory name for a run, e.g. ``cifar10-resnet18-ssam-rho0.05-s0``."""
     parts = [config.dataset, config.model, config.optimizer]
-    if config.optimizer != "sgd":
+    if config.optimizer != variants.BASELINE:
         parts.append(f"rho{config.rho:g}" if config.rho is not None else "")
     parts.append(f"s{config.seed}")
     return "-".join(p for p in parts if p)
@@ -254,7 +218,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fills in the data-set/optimizer defaults and checks the values; returns a new config."""
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"Unknown --dataset {config.dataset!r}; choose one of {DATASETS}.")
-    if config.optimizer not in DEFAULT_RHO:
+    if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown --optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}.")
     defaults = DATASET_DEFAULTS[config.dataset]
     changes: dict[str, Any] = {}
@@ -262,7 +226,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if getattr(config, name) is None:
             changes[name] = defaults[name]
     if config.rho is None:
-        changes["rho"] = DEFAULT_RHO[config.optimizer]
+        changes["rho"] = variants.default_rho(config.optimizer)
     config = dataclasses.replace(config, **changes)
     if not config.output_dir:
         config = dataclasses.replace(config, output_dir=f"runs/{run_name(config)}")
@@ -276,7 +240,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
     if config.rho < 0:
         errors.append(f"--rho must be >= 0, got {config.rho}.")
-    if config.optimizer == "sgd":
+    if config.optimizer == variants.BASELINE:
         if config.sam_start_epoch:
             errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
         if config.adaptive:
@@ -358,11 +322,17 @@ def _scalar_type(annotation: Any) -> type:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser,
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type = TrainConfig,
     exclude: Iterable[str] = (),
+    *,
+    suppress_defaults: bool = False,
 ) -> None:
-    """Adds one ``--flag-name`` per dataclass field (help text and choices from its metadata)."""
+    """Adds one ``--flag-name`` per dataclass field (help text and choices from its metadata).
+
+    With `suppress_defaults`, a flag absent from the command line leaves no attribute, so the
+    namespace holds only the flags the user passed.
+    """
     exclude = set(exclude)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -373,30 +343,41 @@ def add_arguments(
         help_text = f.metadata.get("help", "")
         if f.default not in (None, ""):
             help_text += " (default: %(default)s)"
+        default = argparse.SUPPRESS if suppress_defaults else f.default
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
         else:
             parser.add_argument(
                 flag,
                 type=kind,
-                default=f.default,
+                default=default,
                 choices=f.metadata.get("choices"),
                 help=help_text,
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.train",
         description=(
             "Train a Flax model with SGD or a SAM variant of sam_optax, data parallel over all "
-            "devices. The defaults train a small CNN on the embedded mnist5k set in about a "
-            "minute on a CPU."
+            "devices. The defaults (--preset demo) train a small CNN on the embedded mnist5k set "
+            "in about a minute on a CPU."
         ),
+        epilog="presets (--preset NAME; flags given on the command line override them):\n"
+        + presets.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(parser)
+    parser.add_argument(
+        "--preset",
+        choices=tuple(presets.PRESETS),
+        default=argparse.SUPPRESS if suppress_defaults else None,
+        metavar="NAME",
+        help="Start from a named configuration (listed below); explicit flags override it.",
+    )
+    add_arguments(parser, suppress_defaults=suppress_defaults)
     return parser
 
 
@@ -412,5 +393,13 @@ def from_args(namespace: argparse.Namespace, cls: type = TrainConfig, **override
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parses a command line into an (unresolved) :class:`TrainConfig`."""
-    return from_args(build_parser().parse_args(argv))
+    """Parses a command line into an (unresolved) :class:`TrainConfig`.
+
+    Precedence: the flags the user passed, then the ``--preset``, then the field defaults.
+    """
+    namespace = build_parser().parse_args(argv)
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    explicit.pop("preset", None)
+    values = dict(presets.get(namespace.preset).overrides) if namespace.preset else {}
+    values.update(explicit)
+    return TrainConfig(**values)

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -31,10 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
+from experiments import reporting, variants
 from experiments.config import TrainConfig
 
-SAM_VARIANTS = tuple(name for name in config_lib.OPTIMIZERS if name != "sgd")
-ADAPTIVE_VARIANTS = ("asam", "ssam-asam")
+SAM_VARIANTS = variants.names()
 SELECTION_METRICS = ("final_val_accuracy", "best_val_accuracy")
 
 # Training flags that the sweep itself sets.
@@ -88,7 +87,8 @@ class SweepConfig:
     selection: str = "final_val_accuracy"
 
     def rho_grid(self, optimizer: str) -> tuple[float, ...]:
-        return self.asam_rhos if optimizer in ADAPTIVE_VARIANTS else self.rhos
+        """The rho grid of a variant: ASAM's for variants whose rho is relative to |w|."""
+        return self.asam_rhos if variants.get(optimizer).adaptive_rho else self.rhos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--asam-rhos",
         type=_floats,
         default=(0.5, 1.0, 2.0),
-        help="rho grid of asam and ssam-asam (default: 0.5,1.0,2.0).",
+        help="rho grid of the adaptive variants ("
+        + ", ".join(v.name for v in variants.VARIANTS.values() if v.adaptive_rho)
+        + "; default: 0.5,1.0,2.0).",
     )
     sweep.add_argument(
         "--seeds",
@@ -191,9 +193,9 @@ class Runner:
         self.sweep = sweep
         self.results: list[dict[str, Any]] = []
         if train_fn is None:
-            from experiments import train_lib
+            from experiments import trainer
 
-            train_fn = train_lib.train
+            train_fn = trainer.train_and_evaluate
         self.train_fn = train_fn
 
     def run(
@@ -302,14 +304,9 @@ def run_sweep(sweep: SweepConfig, train_fn: TrainFn | None = None) -> list[dict[
     return table
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _table_row(optimizer, rho, lr, wd, seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    test_mean, test_std = _mean_std([100 * r["final_test_accuracy"] for r in seeds])
-    val_mean, val_std = _mean_std([100 * r["final_val_accuracy"] for r in seeds])
+    test_mean, test_std = reporting.mean_std([100 * r["final_test_accuracy"] for r in seeds])
+    val_mean, val_std = reporting.mean_std([100 * r["final_val_accuracy"] for r in seeds])
     return {
         "optimizer": optimizer,
         "rho": rho,
@@ -329,7 +326,8 @@ def _table_row(optimizer, rho, lr, wd, seeds: Sequence[Mapping[str, Any]]) -> di
 # --------------------------------------------------------------------------------------------
 
 
-def markdown_table(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> str:
+def table_markdown(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> str:
+    """The final table with its caption: test accuracy mean ± std per optimizer."""
     # The data-set defaults filled in, for the caption.
     base = config_lib.resolve(
         dataclasses.replace(
@@ -365,17 +363,6 @@ def markdown_table(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> st
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()})
-
-
 def write_results(
     output_dir: str,
     results: Sequence[Mapping[str, Any]],
@@ -387,11 +374,10 @@ def write_results(
 
     if jax.process_index() != 0:
         return
-    _write_csv(os.path.join(output_dir, "results.csv"), results)
-    _write_csv(os.path.join(output_dir, "table.csv"), table)
-    text = markdown_table(table, sweep)
-    with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(text)
+    reporting.write_csv(os.path.join(output_dir, "results.csv"), results)
+    reporting.write_csv(os.path.join(output_dir, "table.csv"), table)
+    text = table_markdown(table, sweep)
+    reporting.write_text(os.path.join(output_dir, "table.md"), text)
     plot_curves(table, os.path.join(output_dir, "curves.png"))
     print(text)
     print(f"[sweep] wrote {output_dir}/table.md, table.csv, results.csv and curves.png")
@@ -404,11 +390,7 @@ def _read_rows(run_dir: str) -> list[dict[str, Any]]:
 
 def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:
     """Training loss, validation and test accuracy per epoch, mean over seeds, per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = reporting.pyplot()
     panels = (
         ("train_loss", "training loss"),
         ("val_accuracy", "validation accuracy (%)"),
@@ -443,9 +425,10 @@ def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     sweep = parse_args(argv)
-    from experiments import train_lib
+    from experiments import parallel
 
-    train_lib.maybe_initialize_distributed(sweep.base.distributed)
+    # Before any other JAX call (the runs' own calls then do nothing).
+    parallel.maybe_initialize_distributed(sweep.base.distributed)
     try:
         return run_sweep(sweep)
     except (config_lib.ConfigError, FileExistsError, FileNotFoundError) as e:

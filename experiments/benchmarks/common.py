@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import random
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,9 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, models, train_lib
+from experiments import input_pipeline, models, reporting, steps, trainer
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Where a script writes by default (git-ignored); the measurements the README cites are kept in
+# RECORDED_RESULTS_DIR, refreshed with --out-dir experiments/benchmarks/results.
+RESULTS_DIR = os.path.join("runs", "benchmarks")
+RECORDED_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # CIFAR-10's per-channel mean and std in [0, 255] units (the benchmark data are synthetic, the
 # normalization is what a real run does).
@@ -44,7 +44,7 @@ CIFAR10_MEAN = (125.3, 123.0, 113.9)
 CIFAR10_STD = (63.0, 62.1, 66.7)
 CIFAR_SHAPE = (32, 32, 3)
 
-# Forward FLOPs per 32x32 image (2 x MACs), as published (see shared/PAPERS.md, "Cost").
+# Forward FLOPs per 32x32 image (2 x MACs), as published for the CIFAR variants of the models.
 PUBLISHED_FWD_GFLOPS = {"resnet18": 1.11, "wrn28_10": 10.5}
 
 # --quick: the zoo's small CNN cut down to two narrow layers, so that compiling its SAM step
@@ -291,7 +291,7 @@ HLO_OPS_OF_INTEREST = (
 
 
 # --------------------------------------------------------------------------------------------
-# The Flax training step under test (the project's own, from experiments.train_lib).
+# The Flax training step under test (the project's own, from experiments.trainer).
 # --------------------------------------------------------------------------------------------
 
 
@@ -415,17 +415,17 @@ def flax_step(
     image_shape: Sequence[int] = CIFAR_SHAPE,
     seed: int = 0,
 ) -> FlaxStep:
-    """Compiles ``train_lib.make_train_step`` (single device, state donated) for one config.
+    """Compiles ``steps.make_train_step`` (single device, state donated) for one config.
 
     The state gets fresh copies of `variables`, so configurations never share (donated)
     buffers. The step augments and normalizes the uint8 batch on the device, as in training.
     """
-    preprocess = train_lib.Preprocess(mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp_dtype(dtype))
-    step_fn = train_lib.make_train_step(
+    preprocess = steps.Preprocess(mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp_dtype(dtype))
+    step_fn = steps.make_train_step(
         model, tx, preprocess, num_classes=num_classes, sam=sam, axis_name=None
     )
     params = jax.tree.map(jnp.copy, variables["params"])
-    state = train_lib.TrainState(
+    state = steps.TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
         batch_stats=jax.tree.map(jnp.copy, variables.get("batch_stats", {})),
@@ -440,17 +440,17 @@ def flax_step(
 
 
 class TrainerStep:
-    """The compiled data-parallel step of a ``train_lib.Trainer`` (``train_lib.setup``), with
-    its (donated) state: the step the training loop runs, input pipeline included."""
+    """The compiled data-parallel step of an ``Experiment`` (``trainer.create_experiment``),
+    with its (donated) state: the step the training loop runs, input pipeline included."""
 
-    def __init__(self, name: str, trainer: train_lib.Trainer):
+    def __init__(self, name: str, experiment: trainer.Experiment):
         self.name = name
-        self.trainer = trainer
-        self.state = trainer.state
-        self.split = trainer.splits["train"]
-        self.indices = trainer.epoch_indices(0)
+        self.experiment = experiment
+        self.state = experiment.state
+        self.split = experiment.splits["train"]
+        self.indices = experiment.epoch_indices(0)
         self.compiled, self.compile_s = compile_timed(
-            trainer.train_step, self.state, self.split.images, self.split.labels, self.indices
+            experiment.train_step, self.state, self.split.images, self.split.labels, self.indices
         )
         self.executable = self.compiled  # what the analyses read, whatever runs the steps
 
@@ -460,14 +460,14 @@ class TrainerStep:
             try:
                 self.state, metrics = self.compiled(*args)
             except TypeError as error:
-                if self.compiled is self.trainer.train_step:
+                if self.compiled is self.experiment.train_step:
                     raise
                 print(
                     f"WARNING {self.name}: the AOT executable refused the call ({error}); "
                     "falling back to jax.jit, this step includes a compile.",
                     flush=True,
                 )
-                self.compiled = self.trainer.train_step
+                self.compiled = self.experiment.train_step
                 self.state, metrics = self.compiled(*args)
             return self.state, metrics
 
@@ -533,39 +533,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup
     parser.add_argument("--seed", type=int, default=0)
 
 
-def command_line() -> str:
-    module = sys.modules["__main__"].__spec__
-    program = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
-    return " ".join([program, *sys.argv[1:]])
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        magnitude = abs(value)
-        if 0 < magnitude < 0.01:
-            return f"{value:.2e}"
-        if magnitude >= 100:
-            return f"{value:,.0f}"
-        if magnitude >= 10:
-            return f"{value:.1f}"
-        return f"{value:.3f}"
-    if value is None:
-        return "-"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
-
-
 def machine_markdown(machine: Mapping[str, Any], loads: Mapping[str, Any]) -> str:
     versions = ", ".join(
         f"{p} {machine[p]}" for p in ("jax", "jaxlib", "flax", "optax", "torch") if machine.get(p)
@@ -578,16 +545,6 @@ def machine_markdown(machine: Mapping[str, Any], loads: Mapping[str, Any]) -> st
         + "; ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}/{v[2]:.2f}" for k, v in loads.items())
         + "."
     )
-
-
-def _write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_results(
@@ -605,13 +562,13 @@ def write_results(
     ``<name>.json`` (everything)."""
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    command = command_line()
+    command = reporting.command_line()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# {title}", "", f"`{command}` ({stamp})", "", machine_markdown(machine, loads), ""]
     for heading, rows, columns in tables:
         if heading:
             parts += [f"## {heading}", ""]
-        parts += [markdown_table(rows, columns), ""]
+        parts += [reporting.markdown_table(rows, columns, fmt=reporting.format_measurement), ""]
     if notes:
         parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     text = "\n".join(parts)
@@ -619,9 +576,8 @@ def write_results(
 
     for index, (heading, rows, _) in enumerate(tables):
         suffix = "" if index == 0 else "_" + re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")
-        _write_csv(os.path.join(out_dir, f"{name}{suffix}.csv"), rows)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(text)
+        reporting.write_csv(os.path.join(out_dir, f"{name}{suffix}.csv"), rows)
+    reporting.write_text(os.path.join(out_dir, f"{name}.md"), text)
     payload = {
         "title": title,
         "command": command,
@@ -632,6 +588,5 @@ def write_results(
         "notes": list(notes),
         **(extra or {}),
     }
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=1, default=float)
+    reporting.write_json(os.path.join(out_dir, f"{name}.json"), payload, indent=1)
     print(f"Wrote {os.path.join(out_dir, name)}.{{csv,md,json}}")

@@ -1,19 +1,19 @@
 """GPU throughput of the real training step: images/s, model-FLOPs utilization, compile time, and
-whole-epoch wall time through the real training loop (``train_lib.train``).
+whole-epoch wall time through the real training loop (``trainer.train_and_evaluate``).
 
     python -m experiments.benchmarks.gpu_throughput                 # on a GPU (bf16)
     python -m experiments.benchmarks.gpu_throughput --peak-tflops 989 --batch-sizes 128,512
     python -m experiments.benchmarks.gpu_throughput --quick         # CPU smoke run, seconds
 
 For ResNet-18 and WRN-28-10 with sgd, sam and ssam at batch 128 and 512 in bfloat16: the jitted
-data-parallel step of ``train_lib.setup`` (the uint8 data set on the device, the batch gathered
-and augmented there: the host sends nothing per step), timed round-robin per model. MFU is
+data-parallel step of ``trainer.create_experiment`` (the uint8 data set on the device, the batch
+gathered and augmented there: the host sends nothing per step), timed round-robin per model. MFU is
 model FLOPs per second over ``--peak-tflops`` (default 989, H100 SXM dense bf16), with the model
 FLOPs counted two ways: the published forward FLOPs per image (ResNet-18 1.11 G, WRN-28-10 10.5 G)
 x 3 for a training pass x the passes (1 for sgd, 2 for SAM), and XLA's cost analysis of the
-compiled step. The epoch rows run ``train_lib.train`` for one epoch of synthetic CIFAR-shaped
-uint8 data (progress bar off), whose images/s next to the step's shows whether input or the
-Python loop is a bottleneck (a ratio near 1 says no).
+compiled step. The epoch rows run ``trainer.train_and_evaluate`` for one epoch of synthetic
+CIFAR-shaped uint8 data (progress bar off), whose images/s next to the step's shows whether input
+or the Python loop is a bottleneck (a ratio near 1 says no).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 
 import jax
 
-from experiments import train_lib
+from experiments import trainer
 from experiments.benchmarks import common
 
 PASSES = {"sgd": 1, "sam": 2, "ssam": 2}
@@ -44,7 +44,9 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
                 num_devices=args.num_devices,
             )
             name = f"{optimizer} b{batch}"
-            steps[(optimizer, batch)] = common.TrainerStep(name, train_lib.setup(config, dataset))
+            steps[(optimizer, batch)] = common.TrainerStep(
+                name, trainer.create_experiment(config, dataset)
+            )
             log(f"{model_name} {name}: compiled in {steps[(optimizer, batch)].compile_s:.1f} s")
     samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     peak = args.peak_tflops * 1e12
@@ -65,7 +67,7 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
                 "optimizer": optimizer,
                 "batch": batch,
                 "dtype": args.dtype,
-                "devices": step.trainer.mesh.devices.size,
+                "devices": step.experiment.mesh.devices.size,
                 **stats,
                 "images_per_s": batch / seconds,
                 "compile_s": step.compile_s,
@@ -79,7 +81,7 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
 
 
 def run_epoch(model_name: str, optimizer: str, batch: int, args, dataset) -> dict:
-    """One epoch of the real loop (``train_lib.train``); its summary's timings."""
+    """One epoch of the real loop (``trainer.train_and_evaluate``); its summary's timings."""
     with tempfile.TemporaryDirectory() as output_dir:
         config = common.benchmark_config(
             model_name,
@@ -92,7 +94,7 @@ def run_epoch(model_name: str, optimizer: str, batch: int, args, dataset) -> dic
             output_dir=output_dir,
             overwrite=True,
         )
-        summary = train_lib.train(config, dataset=dataset)
+        summary = trainer.train_and_evaluate(config, dataset=dataset)
     return {
         "model": model_name,
         "optimizer": optimizer,
@@ -124,8 +126,8 @@ def main(argv=None) -> None:
         "--epoch",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Also time one whole epoch through train_lib.train per model and optimizer, at "
-        "the largest batch size.",
+        help="Also time one whole epoch through trainer.train_and_evaluate per model and "
+        "optimizer, at the largest batch size.",
     )
     parser.add_argument(
         "--allow-cpu", action="store_true", help="Run the full sizes even without a GPU."
@@ -176,9 +178,9 @@ def main(argv=None) -> None:
         "step's cost_analysis() FLOPs.",
         "Step rows: the jitted data-parallel step with the on-device input pipeline (gather + "
         "augment from the uint8 set on the device), medians of round-robin interleaved steps.",
-        "Epoch rows: train_lib.train for 1 epoch (compile excluded, evaluation and checkpoint "
-        "after the timed epoch); 'epoch / step images_per_s' near 1 means the loop and input "
-        "add nothing.",
+        "Epoch rows: trainer.train_and_evaluate for 1 epoch (compile excluded, evaluation and "
+        "checkpoint after the timed epoch); 'epoch / step images_per_s' near 1 means the loop "
+        "and input add nothing.",
     ]
     if not on_gpu:
         notes.append(
@@ -187,7 +189,9 @@ def main(argv=None) -> None:
         )
     tables = [("Steps", step_rows, list(step_rows[0]))]
     if epoch_rows:
-        tables.append(("Whole epoch through train_lib.train", epoch_rows, list(epoch_rows[0])))
+        tables.append(
+            ("Whole epoch through trainer.train_and_evaluate", epoch_rows, list(epoch_rows[0]))
+        )
     loads["end"] = common.load_average()
     common.write_results(
         "gpu_throughput" if not args.quick else "gpu_throughput_quick",

@@ -5,7 +5,7 @@ about two SGD steps, StableSAM about one SAM step, and a step whose rho is 0 abo
     python -m experiments.benchmarks.overhead --dtype bfloat16 --batch-size 512   # on a GPU
     python -m experiments.benchmarks.overhead --quick            # smoke run, seconds
 
-Configurations, all the project's real training step (``train_lib.make_train_step``: on-device
+Configurations, all the project's real training step (``steps.make_train_step``: on-device
 augmentation, BatchNorm statistics from the first pass, the optimizer of ``build_optimizer``):
 
 * ``sgd``: SGD with momentum and weight decay (one forward-backward pass);
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import train_lib
+from experiments import optimizers
 from experiments.benchmarks import common
 
 TARGETS = {
@@ -136,7 +136,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
     for name, (config, is_sam) in optimizer_configs(
         model_name, args.batch_size, args.dtype, model_kwargs
     ).items():
-        tx = train_lib.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
+        tx = optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
         steps[name] = common.flax_step(
             name,
             model,
@@ -157,7 +157,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
     update_benches = [
         optimizer_update_bench(
             name,
-            train_lib.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None),
+            optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None),
             variables["params"],
             is_sam=is_sam,
         )

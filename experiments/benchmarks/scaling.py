@@ -6,8 +6,8 @@
 
 For each device count n (one subprocess each: the number of simulated devices is fixed before JAX
 starts, with ``jax.config.update("jax_num_cpu_devices", n)``), the training loop's SAM step
-(``train_lib.setup``: ``jax.shard_map`` over a 1-D mesh, per-device ascent, uint8 data on the
-devices) runs at a fixed per-device batch on n devices, interleaved with the same step on one
+(``trainer.create_experiment``: ``jax.shard_map`` over a 1-D mesh, per-device ascent, uint8 data on
+the devices) runs at a fixed per-device batch on n devices, interleaved with the same step on one
 device doing the same total work (batch n x per-device). The ratio sharded / one device shows what
 sharding adds; the dispatch column is the host time until the call returns.
 
@@ -27,7 +27,7 @@ import sys
 import jax
 
 # Importing these runs no JAX computation, so the worker can still set the device count.
-from experiments import train_lib
+from experiments import parallel, trainer
 from experiments.benchmarks import common
 
 RESULT_PREFIX = "SCALING_RESULT "
@@ -53,8 +53,8 @@ def worker(args: argparse.Namespace) -> None:
             model_kwargs=model_kwargs,
             num_devices=devices,
         )
-        mesh = train_lib.create_mesh(devices)
-        steps[name] = common.TrainerStep(name, train_lib.setup(config, dataset, mesh))
+        mesh = parallel.create_mesh(devices)
+        steps[name] = common.TrainerStep(name, trainer.create_experiment(config, dataset, mesh))
         print(f"[{n} devices] {name}: compiled in {steps[name].compile_s:.1f} s", flush=True)
     samples = common.interleave_with_args(
         [s.bench() for s in steps.values()],

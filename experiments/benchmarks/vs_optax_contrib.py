@@ -4,7 +4,7 @@
     python -m experiments.benchmarks.vs_optax_contrib --dtype bfloat16 --batch-size 512  # GPU
     python -m experiments.benchmarks.vs_optax_contrib --quick
 
-Both run inside the same training step (``train_lib.make_train_step``: same model, batch,
+Both run inside the same training step (``steps.make_train_step``: same model, batch,
 augmentation, BatchNorm statistics from the first pass only) with the same base optimizer
 (``add_decayed_weights(5e-4)``, SGD with momentum 0.9 and the cosine schedule):
 
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import train_lib
+from experiments import optimizers
 from experiments.benchmarks import common
 
 STEPS_PER_EPOCH = 390
@@ -79,14 +79,14 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
             rho=args.rho,
         )
 
-    optimizers = {
-        "sam_optax": train_lib.build_optimizer(config("sam"), STEPS_PER_EPOCH, axis_name=None),
+    transformations = {
+        "sam_optax": optimizers.build_optimizer(config("sam"), STEPS_PER_EPOCH, axis_name=None),
         "optax.contrib": optax_contrib_sam(
-            args.rho, train_lib.build_optimizer(config("sgd"), STEPS_PER_EPOCH, axis_name=None)
+            args.rho, optimizers.build_optimizer(config("sgd"), STEPS_PER_EPOCH, axis_name=None)
         ),
     }
     steps = {}
-    for name, tx in optimizers.items():
+    for name, tx in transformations.items():
         steps[name] = common.flax_step(
             name,
             model,

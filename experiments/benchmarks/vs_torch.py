@@ -4,7 +4,7 @@
     python -m experiments.benchmarks.vs_torch --dtype bfloat16 --batch-size 512   # on a GPU
     python -m experiments.benchmarks.vs_torch --quick
 
-Ours: the project's training step (``train_lib.make_train_step`` with
+Ours: the project's training step (``steps.make_train_step`` with
 ``chain(sam_optax.sam(0.05), add_decayed_weights(5e-4), sgd(momentum 0.9))``) under ``jax.jit``.
 PyTorch: the same architecture (parameter counts checked equal) trained with the two-step SAM
 optimizer and a closure, as PyTorch users write it (``experiments.benchmarks.torch_sam``), SGD
@@ -30,7 +30,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from experiments import models, train_lib  # noqa: E402
+from experiments import models, optimizers  # noqa: E402
 from experiments.benchmarks import common  # noqa: E402
 
 STEPS_PER_EPOCH = 390
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     config = common.benchmark_config(
         "resnet18", "sam", batch_size=args.batch_size, dtype=args.dtype, model_kwargs=model_kwargs
     )
-    tx = train_lib.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
+    tx = optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
     ours = common.flax_step(
         "sam_optax (jax.jit)",
         model,

@@ -1,0 +1,83 @@
+"""The optimizer of a run, from its configuration and the variant registry.
+
+``optax.chain(variant(rho schedule), add_decayed_weights(wd), sgd(lr schedule, momentum))``:
+the SAM variant (see :mod:`experiments.variants`) replaces the gradient, the rest is the base
+optimizer every variant shares. Late-phase SAM is a rho schedule (0, then rho).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from experiments import config as config_lib
+from experiments import variants
+from experiments.config import TrainConfig
+from experiments.steps import AXIS
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the step: cosine (default), constant or multistep."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    peak = config.learning_rate
+    if config.lr_schedule == "cosine":
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1))
+        return optax.cosine_decay_schedule(peak, max(total, 1))
+    if config.lr_schedule == "constant":
+        main = optax.constant_schedule(peak)
+    elif config.lr_schedule == "multistep":
+        boundaries = {m * steps_per_epoch - warmup: 0.1 for m in config_lib.lr_milestones(config)}
+        main = optax.piecewise_constant_schedule(peak, boundaries)
+    else:
+        raise ValueError(f"Unknown --lr-schedule {config.lr_schedule!r}.")
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+    return main
+
+
+def rho_schedule(config: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
+    """rho, or with ``sam_start_epoch`` the schedule 0 (SGD, one pass) then rho (SAM)."""
+    if not config.sam_start_epoch:
+        return float(config.rho)
+    start_step = config.sam_start_epoch * steps_per_epoch
+    rho = float(config.rho)
+    return lambda count: jnp.where(count >= start_step, rho, 0.0).astype(jnp.float32)
+
+
+def uses_sam(config: TrainConfig) -> bool:
+    """Whether the run has an ascent (every optimizer but the SGD baseline)."""
+    return config.optimizer != variants.BASELINE
+
+
+def build_optimizer(
+    config: TrainConfig, steps_per_epoch: int, *, axis_name: str | None = AXIS
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(variant(...), add_decayed_weights(wd), sgd(schedule, momentum))`` for the config.
+
+    For ``sgd`` the SAM part is left out and the caller averages the gradient over devices. For
+    the SAM variants, `axis_name` makes every device ascend with its own gradient and
+    the transformation return the SAM gradient averaged over the axis.
+    """
+    tail = [
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(
+            learning_rate_schedule(config, steps_per_epoch),
+            momentum=config.momentum or None,
+            nesterov=config.nesterov,
+        ),
+    ]
+    if not uses_sam(config):
+        return optax.chain(*tail)
+    variant = variants.get(config.optimizer)
+    options = variant.options(config)
+    if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
+        options["adaptive"] = True
+    sam = variant.build(
+        rho_schedule(config, steps_per_epoch),
+        axis_name=axis_name,
+        sync_ascent=config.sync_ascent and axis_name is not None,
+        **options,
+    )
+    return optax.chain(sam, *tail)

@@ -1,0 +1,142 @@
+"""Data-parallel plumbing: multi-host start-up, the 1-D device mesh, global arrays, and the
+``jax.shard_map`` + ``jax.jit`` wrappers that run the steps of :mod:`experiments.steps` on it.
+
+The uint8 data set lives on the devices, and every device gathers its share of the global batch
+from indices, so the host feeds no pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments import input_pipeline
+from experiments.config import ConfigError
+from experiments.steps import AXIS, Metrics, TrainState, step_key
+
+_DISTRIBUTED_INITIALIZED = False
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """Calls ``jax.distributed.initialize()`` when asked or when the environment sets up a
+    multi-process run (``JAX_COORDINATOR_ADDRESS``). Must come before any other JAX call; later
+    calls do nothing."""
+    global _DISTRIBUTED_INITIALIZED
+    if _DISTRIBUTED_INITIALIZED:
+        return
+    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+        _DISTRIBUTED_INITIALIZED = True
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def create_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D mesh (axis ``'data'``) over the first `num_devices` devices (0: all of them)."""
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ConfigError(
+                f"--num-devices {num_devices} asks for more devices than the {len(devices)} "
+                "JAX sees. Pass a smaller number, or 0 for all of them."
+            )
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ConfigError("A multi-host run uses every device: pass --num-devices 0.")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """``[rows, batch]`` index arrays split along the batch axis."""
+    return NamedSharding(mesh, P(None, AXIS))
+
+
+def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host array that every process holds in full (multi-host safe)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def shard_train_step(
+    step_fn: Callable,
+    mesh: Mesh,
+    *,
+    seed: int,
+    steps_per_epoch: int,
+    donate: bool = True,
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    """The jitted data-parallel step ``(state, images, labels, epoch_indices) -> (state, metrics)``.
+
+    `images`/`labels` are the whole uint8 training set, replicated on every device;
+    `epoch_indices` is the epoch's ``[steps_per_epoch, global_batch]`` index matrix sharded
+    along its batch axis. The step picks row ``state.step % steps_per_epoch``, so the host sends
+    nothing per step. Each device gathers its share, draws its key from (seed, step, device) and
+    runs `step_fn` (from :func:`experiments.steps.make_train_step` with ``axis_name='data'``).
+    """
+
+    def device_train_step(state, images, labels, epoch_indices):
+        row = jax.lax.rem(state.step, steps_per_epoch)
+        indices = jax.lax.dynamic_index_in_dim(epoch_indices, row, axis=0, keepdims=False)
+        key = jax.random.fold_in(step_key(seed, state.step), jax.lax.axis_index(AXIS))
+        return step_fn(state, jnp.take(images, indices, axis=0), labels[indices], key)
+
+    sharded = jax.shard_map(
+        device_train_step,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(None, AXIS)),
+        out_specs=(P(), P()),
+    )
+    return jax.jit(sharded, donate_argnums=(0,) if donate else ())
+
+
+def shard_evaluate(eval_fn: Callable, mesh: Mesh) -> Callable[..., Metrics]:
+    """The jitted data-parallel evaluation ``(state, images, labels, indices, masks) -> sums``.
+
+    `indices`/`masks` are ``[num_batches, batch]`` (from ``input_pipeline.eval_batches``),
+    sharded along the batch axis; one call scans over all batches on the devices.
+    """
+
+    def device_evaluate(state, images, labels, indices, masks):
+        def body(totals, batch):
+            idx, mask = batch
+            sums = eval_fn(state, jnp.take(images, idx, axis=0), labels[idx], mask)
+            return jax.tree.map(jnp.add, totals, sums), None
+
+        zeros = {k: jnp.zeros([], jnp.float32) for k in ("loss", "correct", "count")}
+        totals, _ = jax.lax.scan(body, zeros, (indices, masks))
+        return totals
+
+    sharded = jax.shard_map(
+        device_evaluate,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(None, AXIS), P(None, AXIS)),
+        out_specs=P(),
+    )
+    return jax.jit(sharded)
+
+
+def eval_index_arrays(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All evaluation batches stacked: ``[num_batches, batch]`` indices and masks."""
+    batches = list(input_pipeline.eval_batches(num_examples, batch_size))
+    return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])

@@ -1,0 +1,188 @@
+"""The pure pieces of a training run: state, preprocessing, loss, train and eval steps, keys.
+
+Each step is one device's view, pure and jittable. With ``axis_name`` it runs inside
+``jax.shard_map`` (see :mod:`experiments.parallel`) and reduces over the data-parallel axis.
+Randomness is a function of (seed, step), so a resumed run is bit-identical to an uninterrupted
+one on the same device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+import sam_optax
+from experiments import input_pipeline
+
+AXIS = "data"  # Name of the data-parallel mesh axis.
+
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. Replicated on every device; float32 params and opt state.
+
+    Flax's ``TrainState.apply_gradients`` does not forward ``grad_fn`` to the optimizer, so the
+    step calls ``tx.update`` itself and this state is a plain container.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The PRNG key of a training step: a function of (seed, step) only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0), step)
+
+
+def init_key(seed: int) -> jax.Array:
+    """The PRNG key of the parameter initialization (a stream apart from the steps' keys)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example cross-entropy (float32) with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """On-device augmentation and normalization of a uint8 batch."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: Any = jnp.float32
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+
+    def train(self, key: jax.Array, images_uint8: jax.Array) -> jax.Array:
+        images = input_pipeline.augment(
+            key, images_uint8, pad=self.crop_padding, flip=self.flip, cutout=self.cutout
+        )
+        return input_pipeline.normalize(images, self.mean, self.std, self.dtype)
+
+    def eval(self, images_uint8: jax.Array) -> jax.Array:
+        return input_pipeline.normalize(images_uint8, self.mean, self.std, self.dtype)
+
+
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformationExtraArgs,
+    preprocess: Preprocess,
+    *,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    sam: bool = True,
+    axis_name: str | None = AXIS,
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    """One device's training step: ``step(state, images_uint8, labels, key) -> (state, metrics)``.
+
+    Pure and jittable. With `axis_name`, it runs inside ``shard_map``/``pmap`` on the device's
+    share of the batch and returns replicated outputs: the SAM transformation averages the
+    gradient (``sam=True``; each device ascends with its own gradient), or the step averages it
+    itself (``sam=False``, plain SGD). BatchNorm running statistics come from the first,
+    unperturbed pass only (the ascent's passes run in train mode with batch statistics but their
+    statistics are dropped), averaged over devices. Metrics are averaged over devices.
+
+    `key` drives augmentation and stochastic layers (e.g. ShakeDrop); the perturbed pass sees the
+    same augmented batch and the same stochastic masks as the first.
+    """
+
+    def loss_fn(params, batch_stats, images, labels, rngs):
+        logits, new_model_state = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            rngs=rngs,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+        return loss, (logits, new_model_state.get("batch_stats", {}))
+
+    grad_of_loss = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, images_uint8, labels, key):
+        augment_key, shakedrop_key, dropout_key = jax.random.split(key, 3)
+        rngs = {"shakedrop": shakedrop_key, "dropout": dropout_key}
+        images = preprocess.train(augment_key, images_uint8)
+
+        def local(params):
+            # Inside shard_map, jax.grad of replicated params would sum over devices.
+            return params if axis_name is None else sam_optax.per_device(params, axis_name)
+
+        (loss, (logits, batch_stats)), grads = grad_of_loss(
+            local(state.params), state.batch_stats, images, labels, rngs
+        )
+        if sam:
+
+            def grad_fn(params):
+                # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
+                grads, _ = jax.grad(loss_fn, has_aux=True)(
+                    local(params), state.batch_stats, images, labels, rngs
+                )
+                return grads
+
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+        else:
+            if axis_name is not None:
+                grads = jax.lax.pmean(grads, axis_name)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        metrics = {"loss": loss, "accuracy": accuracy}
+        if axis_name is not None:
+            batch_stats = jax.lax.pmean(batch_stats, axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    model: Any,
+    preprocess: Preprocess,
+    *,
+    num_classes: int,
+    axis_name: str | None = AXIS,
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], Metrics]:
+    """One device's evaluation: ``eval_step(state, images_uint8, labels, mask) -> sums``.
+
+    Returns the mask-weighted sums ``loss``, ``correct`` and ``count`` (summed over devices with
+    `axis_name`), so padded examples count for nothing and the caller divides at the end.
+    """
+
+    def eval_step(state: TrainState, images_uint8, labels, mask):
+        logits = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            preprocess.eval(images_uint8),
+            train=False,
+        )
+        loss = cross_entropy(logits, labels, num_classes)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        sums = {
+            "loss": jnp.sum(loss * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
+        return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+    return eval_step

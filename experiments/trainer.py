@@ -1,0 +1,378 @@
+"""A training run: the experiment built from a config, and the loop that trains and evaluates it.
+
+* :func:`create_experiment` -- model, optimizer, replicated initial state, the data on the
+  devices and the jitted data-parallel steps, for one resolved
+  :class:`~experiments.config.TrainConfig`;
+* :func:`evaluate` -- loss and accuracy over a whole split;
+* :func:`train_and_evaluate` -- the loop: resolves the config, trains (or resumes), evaluates
+  each epoch and hands logging, checkpoints and the summary to :mod:`experiments.run_dir`.
+
+Randomness is a function of (seed, step) and the data order a function of (seed, epoch), so a
+resumed run is bit-identical to an uninterrupted one on the same device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from experiments import config as config_lib
+from experiments import input_pipeline, models, optimizers, parallel, run_dir, steps
+from experiments.config import TrainConfig
+from experiments.parallel import put_global
+from experiments.steps import TrainState
+
+
+@dataclasses.dataclass
+class DeviceSplit:
+    """One split of the data set on the devices, with its evaluation batches."""
+
+    images: jax.Array
+    labels: jax.Array
+    size: int
+    eval_indices: jax.Array | None = None
+    eval_masks: jax.Array | None = None
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs for one configuration, built by :func:`create_experiment`."""
+
+    config: TrainConfig
+    mesh: Mesh
+    model: Any
+    tx: optax.GradientTransformationExtraArgs
+    state: TrainState
+    train_step: Callable  # (state, images, labels, epoch_indices) -> (state, metrics)
+    evaluate: Callable  # (state, images, labels, indices, masks) -> sums
+    splits: dict[str, DeviceSplit]
+    steps_per_epoch: int
+    learning_rate: optax.Schedule
+    rho: float | optax.Schedule
+    num_params: int
+
+    @property
+    def num_devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+    def epoch_indices(self, epoch: int) -> jax.Array:
+        """The epoch's batch indices on the devices: a function of (seed, epoch) only."""
+        indices = input_pipeline.train_batch_indices(
+            self.config.seed, epoch, self.splits["train"].size, self.config.batch_size
+        )
+        return put_global(indices, parallel.batch_sharded(self.mesh))
+
+    def rho_at(self, step: int) -> float:
+        """rho at a step (0 before ``sam_start_epoch`` and for SGD)."""
+        if not optimizers.uses_sam(self.config):
+            return 0.0
+        if callable(self.rho):
+            return self.config.rho if float(self.rho(step)) > 0 else 0.0
+        return float(self.rho)
+
+
+@functools.lru_cache(maxsize=16)
+def _initial_variables(model: Any, seed: int, image_shape: tuple[int, ...]) -> dict:
+    """The model's initial variables as host arrays; cached, so runs that differ only in the
+    optimizer (a sweep, the tests) skip the compilation of the initializer."""
+    variables = models.init_variables(model, steps.init_key(seed), (1, *image_shape))
+    return jax.device_get(variables)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_batch_size(config: TrainConfig, num_devices: int, num_train: int) -> None:
+    if config.batch_size % num_devices:
+        raise config_lib.ConfigError(
+            f"--batch-size {config.batch_size} does not divide by the {num_devices} devices: "
+            f"pass a multiple of {num_devices} (e.g. {_round_up(config.batch_size, num_devices)})"
+            " or use fewer devices with --num-devices."
+        )
+    if config.batch_size > num_train:
+        raise config_lib.ConfigError(
+            f"--batch-size {config.batch_size} exceeds the {num_train} training images."
+        )
+
+
+def _device_splits(
+    dataset: input_pipeline.Dataset, mesh: Mesh, eval_batch_size: int
+) -> dict[str, DeviceSplit]:
+    """Every split replicated on the devices; val and test with their evaluation batches."""
+    num_devices = mesh.devices.size
+    rep = parallel.replicated(mesh)
+    eval_batch = _round_up(eval_batch_size, num_devices)
+    splits = {}
+    for name, images, labels in (
+        ("train", dataset.train_images, dataset.train_labels),
+        ("val", dataset.val_images, dataset.val_labels),
+        ("test", dataset.test_images, dataset.test_labels),
+    ):
+        split = DeviceSplit(
+            images=put_global(images, rep),
+            labels=put_global(labels.astype(np.int32), rep),
+            size=len(labels),
+        )
+        if name != "train" and split.size:
+            indices, masks = parallel.eval_index_arrays(
+                split.size, min(eval_batch, _round_up(split.size, num_devices))
+            )
+            split.eval_indices = put_global(indices, parallel.batch_sharded(mesh))
+            split.eval_masks = put_global(masks, parallel.batch_sharded(mesh))
+        splits[name] = split
+    return splits
+
+
+def create_experiment(
+    config: TrainConfig,
+    dataset: input_pipeline.Dataset,
+    mesh: Mesh | None = None,
+) -> Experiment:
+    """Builds model, optimizer, replicated initial state and the data-parallel steps.
+
+    `config` must be resolved (:func:`experiments.config.resolve`). For a benchmark::
+
+        experiment = create_experiment(config, dataset, parallel.create_mesh())
+        train = experiment.splits["train"]
+        state, metrics = experiment.train_step(
+            experiment.state, train.images, train.labels, experiment.epoch_indices(0))
+
+    The step donates its `state` argument: carry on with the state it returns.
+    """
+    mesh = mesh if mesh is not None else parallel.create_mesh(config.num_devices)
+    _check_batch_size(config, mesh.devices.size, len(dataset.train_labels))
+    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+    model = models.create_model(
+        config.model,
+        num_classes=dataset.num_classes,
+        dtype=dtype,
+        **config_lib.model_kwargs(config),
+    )
+    tx = optimizers.build_optimizer(config, steps_per_epoch)
+    preprocess = steps.Preprocess(
+        mean=tuple(float(m) for m in dataset.mean),
+        std=tuple(float(s) for s in dataset.std),
+        dtype=dtype,
+        crop_padding=config.crop_padding,
+        flip=dataset.random_flip if config.flip is None else config.flip,
+        cutout=config.cutout,
+    )
+
+    rep = parallel.replicated(mesh)
+    variables = _initial_variables(model, config.seed, tuple(dataset.train_images.shape[1:]))
+    params = jax.tree.map(lambda x: put_global(x, rep), variables["params"])
+    state = TrainState(
+        step=put_global(np.zeros([], np.int32), rep),
+        params=params,
+        batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
+        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
+    )
+
+    step_fn = steps.make_train_step(
+        model,
+        tx,
+        preprocess,
+        num_classes=dataset.num_classes,
+        label_smoothing=config.label_smoothing,
+        sam=optimizers.uses_sam(config),
+    )
+    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
+    uses_sam = optimizers.uses_sam(config)
+    return Experiment(
+        config=config,
+        mesh=mesh,
+        model=model,
+        tx=tx,
+        state=state,
+        train_step=parallel.shard_train_step(
+            step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
+        ),
+        evaluate=parallel.shard_evaluate(eval_fn, mesh),
+        splits=_device_splits(dataset, mesh, config.eval_batch_size),
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=optimizers.learning_rate_schedule(config, steps_per_epoch),
+        rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
+        num_params=models.count_params(state.params),
+    )
+
+
+def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, float]:
+    """Loss and accuracy over every example of a split, each counted exactly once."""
+    split = experiment.splits[name]
+    sums = experiment.evaluate(
+        state, split.images, split.labels, split.eval_indices, split.eval_masks
+    )
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    count = sums["count"]
+    if int(round(count)) != split.size:
+        raise RuntimeError(f"Evaluated {count} examples of the {split.size} in '{name}'.")
+    return {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, "count": count}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
+    return input_pipeline.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        validation_size=config.validation_size,
+        split_seed=config.split_seed,
+    )
+
+
+def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
+    """The train step compiled ahead of the loop (so its time is reported apart)."""
+    train = experiment.splits["train"]
+    t0 = time.perf_counter()
+    compiled = experiment.train_step.lower(
+        state, train.images, train.labels, experiment.epoch_indices(epoch)
+    ).compile()
+    seconds = time.perf_counter() - t0
+    run_dir.log(f"Compiled the train step in {seconds:.1f} s.")
+    return compiled, seconds
+
+
+def train_epoch(
+    experiment: Experiment, step_fn: Callable, state: TrainState, epoch: int
+) -> tuple[TrainState, dict[str, Any], float]:
+    """One epoch of steps under a progress bar; the state, the metrics row and the seconds."""
+    from tqdm.auto import tqdm
+
+    config, num_steps = experiment.config, experiment.steps_per_epoch
+    train = experiment.splits["train"]
+    epoch_indices = experiment.epoch_indices(epoch)
+    bar = tqdm(
+        total=num_steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not (config.progress and parallel.is_main_process()),
+        leave=False,
+        dynamic_ncols=True,
+    )
+    step_metrics = []
+    t0 = time.perf_counter()
+    for i in range(num_steps):
+        state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
+        step_metrics.append(metrics)
+        bar.update(1)
+        if (i + 1) % config.log_every_steps == 0 or i + 1 == num_steps:
+            # Fetching the metrics waits for the step: only every log_every_steps steps.
+            latest = jax.device_get(metrics)
+            rate = (i + 1) * config.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(
+                loss=f"{float(latest['loss']):.4f}",
+                acc=f"{float(latest['accuracy']):.3f}",
+                img_s=f"{rate:.0f}",
+            )
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    fetched = jax.device_get(step_metrics)
+    first_step = epoch * num_steps
+    row = {
+        "epoch": epoch + 1,
+        "step": (epoch + 1) * num_steps,
+        "learning_rate": float(experiment.learning_rate(first_step)),
+        "rho": experiment.rho_at(first_step),
+        "train_loss": float(np.mean([m["loss"] for m in fetched])),
+        "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+    }
+    return state, row, seconds
+
+
+def _evaluation_row(experiment: Experiment, state: TrainState) -> dict[str, float]:
+    row = {}
+    for split in ("val", "test"):
+        if experiment.splits[split].size:
+            result = evaluate(experiment, state, split)
+            row[f"{split}_loss"] = result["loss"]
+            row[f"{split}_accuracy"] = result["accuracy"]
+    return row
+
+
+def train_and_evaluate(
+    config: TrainConfig, dataset: input_pipeline.Dataset | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) the run described by `config`; returns its summary.
+
+    Resolves `config` and starts the multi-host runtime when asked (both only here). Writes
+    ``config.json``, the metrics files, orbax checkpoints and ``summary.json`` to
+    ``config.output_dir``. When the run stops early (``stop_after_epoch``), the returned dict has
+    ``completed: False`` and no ``summary.json`` is written. `dataset` skips loading (it must be
+    what ``config`` would load).
+    """
+    wall_start = time.perf_counter()
+    config = config_lib.resolve(config)
+    parallel.maybe_initialize_distributed(config.distributed)
+    run_dir.prepare_output_dir(config)
+    dataset = dataset if dataset is not None else load_dataset(config)
+    experiment = create_experiment(config, dataset)
+    run_dir.log(
+        f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
+        f"{config.optimizer} (rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
+        f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
+        f"{config.batch_size // experiment.num_devices} images per device per step"
+    )
+
+    manager = run_dir.checkpoint_manager(config)
+    state, start_epoch = run_dir.restore_latest(manager, config, experiment.state)
+    log = run_dir.MetricsLog(
+        config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
+    )
+    run_dir.write_config(config)
+    step_fn, compile_time = experiment.train_step, 0.0
+    if start_epoch < config.epochs:
+        step_fn, compile_time = _compile_train_step(experiment, state, start_epoch)
+    stop_epoch = config.epochs
+    if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
+        stop_epoch = max(config.stop_after_epoch, start_epoch)
+
+    try:
+        for epoch in range(start_epoch, stop_epoch):
+            state, row, seconds = train_epoch(experiment, step_fn, state, epoch)
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                row.update(_evaluation_row(experiment, state))
+            row["epoch_time_s"] = seconds
+            row["train_images_per_s"] = experiment.steps_per_epoch * config.batch_size / seconds
+            row["compile_time_s"] = compile_time if epoch == start_epoch else 0.0
+            log.append(row)
+            run_dir.log(run_dir.epoch_line(row, config.epochs))
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:
+                run_dir.save_checkpoint(manager, epoch + 1, state)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+        log.close()
+
+    if stop_epoch < config.epochs:
+        run_dir.log(
+            f"Stopped after epoch {stop_epoch} (--stop-after-epoch). Continue with: "
+            f"python -m experiments.train --output-dir {config.output_dir} --resume ..."
+        )
+        return {"completed": False, "epoch": stop_epoch, "output_dir": config.output_dir}
+
+    summary = run_dir.summarize(
+        config,
+        log.rows,
+        steps_per_epoch=experiment.steps_per_epoch,
+        num_params=experiment.num_params,
+        num_devices=experiment.num_devices,
+        wall_time=time.perf_counter() - wall_start,
+    )
+    run_dir.write_summary(config, summary)
+    run_dir.print_summary(summary)
+    return summary

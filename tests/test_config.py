@@ -1,0 +1,81 @@
+"""The training configuration: defaults, checks, presets and the command line it generates."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import config as config_lib
+from experiments import presets, variants
+from experiments import train as train_cli
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for field in config_lib.TrainConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in text
+    # The notation trap of the StableSAM paper is spelled out.
+    assert "ssam-usam" in text and "paper" in text
+
+
+def test_resolve_fills_dataset_and_optimizer_defaults():
+    default = config_lib.resolve(config_lib.TrainConfig())
+    assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "ssam")
+    assert default.epochs == 5 and default.output_dir
+    cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="ssam"))
+    assert cifar.epochs == 200 and cifar.validation_size == 5000 and cifar.rho == 0.05
+    assert config_lib.resolve(config_lib.TrainConfig(optimizer="asam")).rho == 0.5
+    assert config_lib.resolve(config_lib.TrainConfig(optimizer="sam", rho=0.2)).rho == 0.2
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(optimizer="sgd", sam_start_epoch=2), "--sam-start-epoch needs a SAM optimizer"),
+        (dict(optimizer="sam", sam_start_epoch=9, epochs=5), "--sam-start-epoch must lie"),
+        (dict(resume=True, overwrite=True), "exclude each other"),
+        (dict(lr_schedule="multistep", lr_milestones="80;120"), "--lr-milestones"),
+        (dict(model_kwargs="[1]"), "--model-kwargs"),
+    ],
+)
+def test_resolve_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.resolve(config_lib.TrainConfig(**changes))
+
+
+def test_help_lists_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = capsys.readouterr().out
+    for name in presets.PRESETS:
+        assert name in text
+
+
+def test_every_preset_resolves_to_a_valid_config():
+    for name, preset in presets.PRESETS.items():
+        config = config_lib.resolve(config_lib.parse_args(["--preset", name]))
+        for field, value in preset.overrides.items():
+            assert getattr(config, field) == value, (name, field)
+
+
+def test_explicit_flags_override_the_preset():
+    config = config_lib.parse_args(
+        ["--preset", "late-phase-cifar10-resnet18", "--epochs", "170", "--no-progress"]
+    )
+    assert (config.model, config.optimizer, config.sam_start_epoch) == ("resnet18", "sam", 150)
+    assert config.epochs == 170 and config.progress is False
+    # A flag given with the value of its default still wins over the preset.
+    assert config_lib.parse_args(["--preset", "demo", "--optimizer", "ssam"]).optimizer == "ssam"
+    stable = config_lib.parse_args(["--preset", "stablesam-cifar10-resnet18", "--optimizer=sgd"])
+    assert stable.optimizer == "sgd" and stable.rho == 0.1
+    assert config_lib.parse_args([]) == config_lib.TrainConfig()
+
+
+def test_cli_choices_come_from_the_registries():
+    assert config_lib.OPTIMIZERS == ("sgd", *variants.VARIANTS)
+    fields = {f.name: f for f in config_lib.dataclasses.fields(config_lib.TrainConfig)}
+    assert fields["optimizer"].metadata["choices"] == config_lib.OPTIMIZERS
+    for name in variants.VARIANTS:
+        assert name in fields["optimizer"].metadata["help"]
