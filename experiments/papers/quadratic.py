@@ -24,13 +24,13 @@ What theory says (derived here, for the deterministic case; g = A w):
 * StableSAM on SAM: in one dimension its step is exactly GD's (gamma (w + rho sign w) = w), and
   the loss converges again.
 
-Run: ``python -m experiments.quadratic`` (figures and tables in experiments/figures/quadratic/).
+Run: ``python -m experiments.papers.quadratic`` (figures and tables in runs/papers/quadratic/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -39,15 +39,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sam_optax
-from experiments import _small
+from experiments import reporting, variants
+from experiments.papers import common
 
-# name -> (label, sam() keywords or None for plain gradient descent)
-METHODS: dict[str, tuple[str, dict | None]] = {"gd": ("GD", None), **_small.SAM_VARIANTS}
-COLORS = {"gd": "k", **_small.SAM_COLORS}
+# Gradient descent and the StableSAM paper's variants (labels and colours from the registry).
+METHODS: tuple[str, ...] = ("gd", *common.STABLESAM_VARIANTS)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class QuadraticConfig:
+    """The experiment's settings (its flags), fixed once parsed."""
+
+    dim: int = 20
+    lambda_min: float = 0.1
+    lambda_max: float = 10.0
+    spectrum: str = "linear"
+    methods: Sequence[str] = METHODS
+    rho: float = 0.05
+    steps: int = 2000
+    num_lrs: int = 80
+    lr_range: Sequence[float] = (0.02, 1.5)
+    tol: float = 1e-8
+    noise_std: float = 0.0
+    seed: int = 0
+    output_dir: str = os.path.join(common.OUTPUT_ROOT, "quadratic")
+    command: str = ""  # the command line that reproduces the run
+
+
+def parse_args(argv: Sequence[str] | None = None) -> QuadraticConfig:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -60,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="linear",
         help="Spacing of the d eigenvalues between --lambda-min and --lambda-max.",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--rho", type=float, default=0.05, help="Ascent radius of every SAM variant.")
     p.add_argument("--steps", type=int, default=2000, help="Iterations per run.")
     p.add_argument("--num-lrs", type=int, default=80, help="Learning rates in the grid.")
@@ -88,15 +107,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Seed of the rotation, start and noise.")
     p.add_argument(
         "--output-dir",
-        default=os.path.join("experiments", "figures", "quadratic"),
+        default=QuadraticConfig.output_dir,
         help="Where the PNG figures, CSV and markdown go.",
     )
     args = p.parse_args(argv)
-    args.command = _small.command_line("experiments.quadratic", argv)
-    return args
+    command = reporting.command_line("experiments.papers.quadratic", argv)
+    return common.config_from_args(QuadraticConfig, args, command=command)
 
 
-def spectrum(args: argparse.Namespace) -> np.ndarray:
+def spectrum(args: QuadraticConfig) -> np.ndarray:
     if args.spectrum == "linear":
         return np.linspace(args.lambda_min, args.lambda_max, args.dim)
     return np.geomspace(args.lambda_min, args.lambda_max, args.dim)
@@ -144,10 +163,9 @@ def exact_iterations(
 
 
 def build_optimizer(method: str, rho: float, lr: jax.Array) -> optax.GradientTransformation:
-    knobs = METHODS[method][1]
-    if knobs is None:
+    if common.is_baseline(method):
         return optax.chain(optax.sgd(lr))
-    return optax.chain(sam_optax.sam(rho, **knobs), optax.sgd(lr))
+    return optax.chain(variants.get(method).build(rho), optax.sgd(lr))
 
 
 def run_grid(
@@ -197,8 +215,8 @@ def summarize_runs(losses: np.ndarray, loss0: float, tol: float, noisy: bool):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = _small.Stopwatch()
-    out = _small.prepare_output_dir(args.output_dir)
+    watch = common.Stopwatch()
+    out = common.make_output_dir(args.output_dir)
     eigenvalues = spectrum(args)
     rng = np.random.default_rng(args.seed)
     q, _ = np.linalg.qr(rng.normal(size=(args.dim, args.dim)))
@@ -221,19 +239,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows.append(
                 dict(method=method, lr=float(lr), final_loss_ratio=float(f), iters_to_tol=it)
             )
-    _small.write_table(rows, os.path.join(out, "quadratic_grid.csv"))
+    reporting.write_table(rows, os.path.join(out, "quadratic_grid.csv"))
 
     summary = summary_rows(results, lrs, bounds, args)
-    _small.write_table(summary, os.path.join(out, "quadratic_summary.csv"))
+    reporting.write_table(summary, os.path.join(out, "quadratic_summary.csv"))
     weights = np.asarray(q.T @ np.asarray(w0, np.float64)) ** 2
     plot_convergence(results, lrs, bounds, eigenvalues, weights, args, loss0, out)
     picks = plot_curves(results, lrs, bounds, args, loss0, out)
     seconds = watch.seconds()
     write_markdown(summary, bounds, picks, results, lrs, args, seconds, out)
     info = dict(bounds=bounds, seconds=seconds, summary=summary)
-    with open(os.path.join(out, "quadratic.json"), "w") as f:
-        json.dump(dict(args=vars(args), **info), f, indent=2, default=float)
-    print(_small.markdown_table(summary))
+    reporting.write_json(
+        os.path.join(out, "quadratic.json"), dict(args=dataclasses.asdict(args), **info)
+    )
+    print(reporting.markdown_table(summary))
     print(f"theory: {bounds}; wrote {out} in {seconds:.1f} s")
     return info
 
@@ -280,7 +299,7 @@ def _bound_lines(ax, bounds) -> None:
 
 
 def plot_convergence(results, lrs, bounds, eigenvalues, weights, args, loss0, out) -> None:
-    plt = _small.pyplot()
+    plt = reporting.pyplot()
     noisy = args.noise_std > 0
     fig, axes = plt.subplots(
         1, 1 if noisy else 2, figsize=(8.5 if noisy else 11, 4.6), squeeze=False
@@ -289,9 +308,9 @@ def plot_convergence(results, lrs, bounds, eigenvalues, weights, args, loss0, ou
     cap = 1e6
     for method, r in results.items():
         final = np.minimum(r["final"], cap)
-        axes[0].plot(lrs, final, color=COLORS[method], label=METHODS[method][0])
+        axes[0].plot(lrs, final, color=common.color(method), label=common.label(method))
         if not noisy:
-            axes[1].plot(lrs, r["iterations"], color=COLORS[method])
+            axes[1].plot(lrs, r["iterations"], color=common.color(method))
     if not noisy:
         floor = sam_floor(lrs, float(eigenvalues.max()), args.rho) / loss0
         axes[0].plot(
@@ -340,7 +359,7 @@ def plot_convergence(results, lrs, bounds, eigenvalues, weights, args, loss0, ou
 
 
 def plot_curves(results, lrs, bounds, args, loss0, out) -> list[float]:
-    plt = _small.pyplot()
+    plt = reporting.pyplot()
     targets = [
         0.5 * bounds["usam_bound"],
         0.5 * (bounds["usam_bound"] + bounds["gd_bound"]),
@@ -351,7 +370,7 @@ def plot_curves(results, lrs, bounds, args, loss0, out) -> list[float]:
     for ax, i in zip(axes, picks, strict=True):
         for method, r in results.items():
             curve = np.minimum(np.nan_to_num(r["losses"][i] / loss0, nan=1e12, posinf=1e12), 1e12)
-            ax.plot(curve, color=COLORS[method], label=METHODS[method][0], lw=1)
+            ax.plot(curve, color=common.color(method), label=common.label(method), lw=1)
         ax.set_yscale("log")
         ax.set_title(f"lr = {lrs[i]:.3g} ({lrs[i] / bounds['gd_bound']:.2f} x 2/lambda_max)")
         ax.set_xlabel("iteration")
@@ -421,13 +440,13 @@ def write_markdown(summary, bounds, picks, results, lrs, args, seconds, out) -> 
         f"{args.steps} steps, {args.num_lrs} learning rates, noise std {args.noise_std:g}); "
         f"{seconds:.0f} s on this machine.",
         "",
-        "Theory (derived in `experiments/quadratic.py`): GD converges iff lr < 2/lambda_max = "
-        f"{bounds['gd_bound']:.4g}; USAM iff lr < 2/(lambda_max + rho lambda_max^2) = "
-        f"{bounds['usam_bound']:.4g}; StableSAM on USAM surely for lr < "
-        f"{bounds['ssam_usam_sufficient']:.4g} and never beyond 2/lambda_max; normalized SAM "
-        "never converges to the minimum (it stalls on a 2-cycle).",
+        "Theory (derived in `experiments/papers/quadratic.py`): GD converges iff lr < "
+        f"2/lambda_max = {bounds['gd_bound']:.4g}; USAM iff lr < "
+        f"2/(lambda_max + rho lambda_max^2) = {bounds['usam_bound']:.4g}; StableSAM on USAM "
+        f"surely for lr < {bounds['ssam_usam_sufficient']:.4g} and never beyond 2/lambda_max; "
+        "normalized SAM never converges to the minimum (it stalls on a 2-cycle).",
         "",
-        _small.markdown_table(summary),
+        reporting.markdown_table(summary),
         "",
         "`largest_lr_converged`: largest grid learning rate whose loss fell below "
         f"{args.tol:g} x L(w_0) within {args.steps} steps (grid spacing "
@@ -443,7 +462,7 @@ def write_markdown(summary, bounds, picks, results, lrs, args, seconds, out) -> 
             i = int(np.argmin(np.abs(lrs - lr)))
             row[f"lr={lr:.3g}"] = float(r["final"][i])
         pick_rows.append(row)
-    lines += [_small.markdown_table(pick_rows), ""]
+    lines += [reporting.markdown_table(pick_rows), ""]
     lines += findings(summary, bounds, args)
     lines += ["![convergence](quadratic_convergence.png)"]
     lines += ["", "![curves](quadratic_curves.png)", ""]

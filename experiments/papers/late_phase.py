@@ -13,13 +13,13 @@ At the end of each run: test accuracy, training loss, and the sharpness of the t
 (without weight decay) over the whole training set, evaluated in chunks by `sam_optax.sharpness`:
 the top Hessian eigenvalue (Lanczos), and the SAM sharpness L(w + eps) - L(w).
 
-Run: ``python -m experiments.late_phase`` (figures and tables in experiments/figures/late_phase/).
+Run: ``python -m experiments.papers.late_phase`` (figures and tables in runs/papers/late_phase/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -29,15 +29,37 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import _small
+from experiments import reporting
+from experiments.papers import common
 from sam_optax import sharpness
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class LatePhaseConfig:
+    """The experiment's settings (its flags, defaults filled in), fixed once parsed."""
+
+    dataset: str = "mnist5k"
+    epochs: int = 30
+    switch_epochs: Sequence[int] = (0, 15, 25, 28, 30)
+    seeds: int = 3
+    hidden: Sequence[int] = (128, 128)
+    batch_size: int = 32
+    lr: float = 0.1
+    lr_drop_epoch: int = 15
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho: float = 0.05
+    lanczos_iters: int = 20
+    hessian_chunk: int = 1000
+    output_dir: str = os.path.join(common.OUTPUT_ROOT, "late_phase")
+    command: str = ""  # the command line that reproduces the run
+
+
+def parse_args(argv: Sequence[str] | None = None) -> LatePhaseConfig:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--dataset", choices=_small.DATASETS, default="mnist5k", help="Data set.")
+    p.add_argument("--dataset", choices=common.DATASETS, default="mnist5k", help="Data set.")
     p.add_argument("--epochs", type=int, default=30, help="Training epochs of every run.")
     p.add_argument(
         "--switch-epochs",
@@ -68,19 +90,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--output-dir",
-        default=os.path.join("experiments", "figures", "late_phase"),
+        default=LatePhaseConfig.output_dir,
         help="Where the PNG figures, CSV and markdown go.",
     )
     args = p.parse_args(argv)
-    if args.switch_epochs is None:
-        e = args.epochs
-        args.switch_epochs = sorted({0, e // 2, max(0, e - 5), max(0, e - 2), e})
-    args.command = _small.command_line("experiments.late_phase", argv)
-    if args.lr_drop_epoch is None:
-        args.lr_drop_epoch = args.epochs // 2
-    if any(not 0 <= t <= args.epochs for t in args.switch_epochs):
-        p.error(f"--switch-epochs must lie in [0, {args.epochs}], got {args.switch_epochs}")
-    return args
+    e = args.epochs
+    switch_epochs = args.switch_epochs
+    if switch_epochs is None:
+        switch_epochs = sorted({0, e // 2, max(0, e - 5), max(0, e - 2), e})
+    if any(not 0 <= t <= e for t in switch_epochs):
+        p.error(f"--switch-epochs must lie in [0, {e}], got {switch_epochs}")
+    return common.config_from_args(
+        LatePhaseConfig,
+        args,
+        switch_epochs=switch_epochs,
+        lr_drop_epoch=e // 2 if args.lr_drop_epoch is None else args.lr_drop_epoch,
+        command=reporting.command_line("experiments.papers.late_phase", argv),
+    )
 
 
 def make_trainer(model, x_train, y_train, x_test, y_test, args):
@@ -96,7 +122,7 @@ def make_trainer(model, x_train, y_train, x_test, y_test, args):
 
     def batch_loss(params, batch):
         images, labels = batch
-        return _small.cross_entropy(model.apply(params, images), labels)
+        return common.mean_cross_entropy(model.apply(params, images), labels)
 
     def train(seed: jax.Array, switch_step: jax.Array):
         key = jax.random.key(seed)
@@ -123,7 +149,7 @@ def make_trainer(model, x_train, y_train, x_test, y_test, args):
             order = jax.random.permutation(jax.random.fold_in(data_key, epoch_index), n)
             batches = order[: steps_per_epoch * args.batch_size].reshape(steps_per_epoch, -1)
             carry, losses = jax.lax.scan(step, carry, batches)
-            test_acc = _small.accuracy(model.apply(carry[0], x_test), y_test)
+            test_acc = common.accuracy(model.apply(carry[0], x_test), y_test)
             return carry, (losses.mean(), test_acc)
 
         (params, _), (train_loss, test_acc) = jax.lax.scan(
@@ -136,10 +162,10 @@ def make_trainer(model, x_train, y_train, x_test, y_test, args):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = _small.Stopwatch()
-    out = _small.prepare_output_dir(args.output_dir)
-    x_train, y_train, x_test, y_test = _small.load_dataset(args.dataset)
-    model = _small.MLP(hidden=tuple(args.hidden), num_outputs=10)
+    watch = common.Stopwatch()
+    out = common.make_output_dir(args.output_dir)
+    x_train, y_train, x_test, y_test = common.load_dataset(args.dataset)
+    model = common.MLP(hidden=tuple(args.hidden), num_outputs=10)
     train, batch_loss, steps_per_epoch = make_trainer(model, x_train, y_train, x_test, y_test, args)
     chunks, rest = sharpness.chunk_dataset(
         (jnp.asarray(x_train), jnp.asarray(y_train)), min(args.hessian_chunk, len(y_train))
@@ -173,14 +199,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             curves[(t0, seed)] = (np.asarray(train_curve), np.asarray(test_curve))
             print(rows[-1], f"({watch.seconds():.0f} s)")
     summary = summarize(rows, args)
-    _small.write_table(rows, os.path.join(out, "late_phase_runs.csv"))
-    _small.write_table(summary, os.path.join(out, "late_phase_summary.csv"))
+    reporting.write_table(rows, os.path.join(out, "late_phase_runs.csv"))
+    reporting.write_table(summary, os.path.join(out, "late_phase_summary.csv"))
     plot(summary, rows, curves, args, out)
     seconds = watch.seconds()
     write_markdown(rows, summary, args, seconds, out)
-    with open(os.path.join(out, "late_phase.json"), "w") as f:
-        json.dump(dict(args=vars(args), seconds=seconds, runs=rows), f, indent=2, default=float)
-    print(_small.markdown_table(summary))
+    reporting.write_json(
+        os.path.join(out, "late_phase.json"),
+        dict(args=dataclasses.asdict(args), seconds=seconds, runs=rows),
+    )
+    print(reporting.markdown_table(summary))
     print(f"wrote {out} in {seconds:.1f} s")
     return dict(rows=rows, summary=summary, seconds=seconds)
 
@@ -199,15 +227,13 @@ def summarize(rows, args) -> list[dict]:
         runs = [r for r in rows if r["switch_epoch"] == t0]
         entry = dict(run=_label(t0, args.epochs), switch_epoch=t0, seeds=len(runs))
         for key in ("test_acc", "train_loss", "top_eigenvalue", "sam_sharpness"):
-            values = np.array([r[key] for r in runs])
-            entry[f"{key}_mean"] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std([r[key] for r in runs])
         summary.append(entry)
     return summary
 
 
 def plot(summary, rows, curves, args, out) -> None:
-    plt = _small.pyplot()
+    plt = reporting.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     t0s = np.array([s["switch_epoch"] for s in summary])
     for ax, key, label in [
@@ -289,10 +315,12 @@ def verdict(rows, args) -> list[str]:
     return [text, ""]
 
 
-def _mean_std(values: np.ndarray) -> str:
+def _format_share(values: np.ndarray) -> str:
+    """Per-seed shares as ``mean +- std % (per seed: ...)`` in percent."""
     values = 100 * values + 0.0  # no '-0'
-    std = f" +- {np.nanstd(values, ddof=1):.0f}" if len(values) > 1 else ""
-    return f"{np.nanmean(values):.0f}{std} % (per seed: {', '.join(f'{v:.0f}' for v in values)})"
+    mean, std = reporting.mean_std(values, skip_nan=True)
+    spread = f" +- {std:.0f}" if len(values) > 1 else ""
+    return f"{mean:.0f}{spread} % (per seed: {', '.join(f'{v:.0f}' for v in values)})"
 
 
 def write_markdown(rows, summary, args, seconds, out) -> None:
@@ -316,7 +344,7 @@ def write_markdown(rows, summary, args, seconds, out) -> None:
         f"{args.lanczos_iters} Lanczos steps over the whole training set in chunks of "
         f"{args.hessian_chunk}); {seconds:.0f} s on this machine.",
         "",
-        _small.markdown_table(table),
+        reporting.markdown_table(table),
         "",
         "Mean +- standard deviation over seeds. `top_eigenvalue`: largest Hessian eigenvalue "
         "of the training cross-entropy (no weight decay); `sam_sharpness`: "
@@ -340,8 +368,8 @@ def write_markdown(rows, summary, args, seconds, out) -> None:
                 f"- SAM for the last {args.epochs - t0} epochs: top eigenvalue "
                 f"{s['top_eigenvalue_mean']:.3g} (SGD only {sgd_top:.3g}, "
                 f"SAM throughout {sam_top:.3g}); share of the SGD-to-SAM "
-                f"gap closed per seed: sharpness {_mean_std(closed)}, test accuracy "
-                f"{_mean_std(acc)}."
+                f"gap closed per seed: sharpness {_format_share(closed)}, test accuracy "
+                f"{_format_share(acc)}."
             )
         lines.append("")
         lines += verdict(rows, args)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from experiments import instability, late_phase, quadratic
+from experiments.papers import instability, late_phase, quadratic
 
 
 def _read_csv(path):

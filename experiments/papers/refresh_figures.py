@@ -1,0 +1,48 @@
+"""Re-runs the papers' experiments into ``experiments/figures/``, the figures the README shows.
+
+    python -m experiments.papers.refresh_figures            # all of them, a few minutes on a CPU
+    python -m experiments.papers.refresh_figures quadratic  # some of them
+
+Each experiment runs with its default flags (the quadratic once more with gradient noise) and
+writes its PNG figures and Markdown report to ``experiments/figures/<name>/``; the CSV and JSON
+files written beside them are git-ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+
+from experiments.papers import instability, late_phase, quadratic
+
+FIGURES_DIR = os.path.join("experiments", "figures")
+
+# Folder name -> (main function, flags).
+FIGURES: dict[str, tuple[Callable[[Sequence[str]], dict], list[str]]] = {
+    "quadratic": (quadratic.main, []),
+    "quadratic_noisy": (quadratic.main, ["--noise-std", "0.01"]),
+    "instability": (instability.main, []),
+    "late_phase": (late_phase.main, []),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.papers.refresh_figures", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"Figure folders to refresh: {', '.join(FIGURES)}."
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(FIGURES))
+    if unknown:
+        parser.error(f"unknown figure folders {unknown}; choose from {', '.join(FIGURES)}")
+    for name in args.names or FIGURES:
+        run, flags = FIGURES[name]
+        print(f"== {name} ==")
+        run([*flags, "--output-dir", os.path.join(FIGURES_DIR, name)])
+
+
+if __name__ == "__main__":
+    main()
