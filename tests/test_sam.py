@@ -47,7 +47,7 @@ def reference_sam(
     p=2.0,
     steps=1,
 ):
-    """The issue's formulas, one flat numpy vector at a time, in float64."""
+    """The reference formulas, one flat numpy vector at a time, in float64."""
     w = np.asarray(w, np.float64)
     g = grad(w)
     t = np.abs(w) + eta if adaptive else np.ones_like(w)

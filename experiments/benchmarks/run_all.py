@@ -5,7 +5,8 @@
     python -m experiments.benchmarks.run_all --only overhead,vs_torch
     python -m experiments.benchmarks.run_all --gpu           # GPU settings: bf16, bigger batches
 
-Results land in ``experiments/benchmarks/results/`` (or ``--out-dir``).
+Results land in ``runs/benchmarks/`` (or ``--out-dir``; ``--out-dir
+experiments/benchmarks/results`` refreshes the recorded ones).
 """
 
 from __future__ import annotations
