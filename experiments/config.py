@@ -245,6 +245,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
         if config.adaptive:
             errors.append("--adaptive needs a SAM optimizer, e.g. --optimizer sam.")
+    elif config.adaptive and "adaptive" not in variants.get(config.optimizer).knobs:
+        errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
     if not 0 <= config.sam_start_epoch < config.epochs:
         errors.append(
             f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
