@@ -1,7 +1,8 @@
 """Benchmarks of sam-optax: scripts, never timed unit tests.
 
-Each script prints a table and writes ``results/<name>.csv``, ``results/<name>.md`` and
-``results/<name>.json`` (rows, raw samples, machine description and load averages):
+Each script prints a table and writes ``<name>.csv``, ``<name>.md`` and ``<name>.json`` (rows,
+raw samples, machine description and load averages) to ``runs/benchmarks/`` or ``--out-dir``;
+the recorded measurements are in ``results/`` here (``--out-dir experiments/benchmarks/results``):
 
 * ``python -m experiments.benchmarks.overhead`` -- SAM's cost over its floor of two
   forward-backward passes: sam / (2 x sgd), ssam / sam, rho-0 steps / sgd.
@@ -20,5 +21,5 @@ Each script prints a table and writes ``results/<name>.csv``, ``results/<name>.m
 Every script takes ``--quick`` (a tiny model and batch, seconds; what the smoke tests run) and
 ``--out-dir``. Ratios are taken in one process, configurations interleaved (each once per
 round, in a random order), from medians of the steps after warm-up; compile time is reported
-apart. See README.md here for the latest tables.
+apart. See README.md here for the recorded tables.
 """
