@@ -33,10 +33,9 @@ import optax
 
 from experiments import input_pipeline, models, reporting, steps, trainer
 
-# Where a script writes by default (git-ignored); the measurements the README cites are kept in
-# RECORDED_RESULTS_DIR, refreshed with --out-dir experiments/benchmarks/results.
+# Where a script writes by default (git-ignored). The measurements the READMEs cite are kept in
+# experiments/benchmarks/results/, refreshed with --out-dir experiments/benchmarks/results.
 RESULTS_DIR = os.path.join("runs", "benchmarks")
-RECORDED_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # CIFAR-10's per-channel mean and std in [0, 255] units (the benchmark data are synthetic, the
 # normalization is what a real run does).
