@@ -526,6 +526,10 @@ def read_idx(path: str, *, ndim: int) -> np.ndarray:
                 data = f.read()
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise ValueError(f"{path}: not a valid gzip file ({error}).") from None
+    if data[:2] == b"\x1f\x8b":
+        raise ValueError(
+            f"{path}: gzip data in a file whose name does not end in .gz; rename it {path}.gz."
+        )
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
         raise ValueError(

@@ -559,6 +559,14 @@ def test_fashion_mnist_corrupt_file_names_the_file(
     assert path in str(error.value)
 
 
+def test_gzip_data_without_the_gz_name_says_so(tmp_path, no_debian_folder):
+    write_fake_fashion_mnist(tmp_path)
+    os.rename(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-images-idx3-ubyte")
+    with pytest.raises(ValueError, match="rename it") as error:
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path), validation_size=5)
+    assert str(tmp_path / "t10k-images-idx3-ubyte") in str(error.value)
+
+
 def test_truncated_gzip_names_the_file(tmp_path, no_debian_folder):
     write_fake_fashion_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
