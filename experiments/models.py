@@ -446,13 +446,15 @@ class SmallCNN(nn.Module):
     a linear layer.
 
     Meant for the 28x28x1 sets (MNIST subset, Fashion-MNIST) and 8x8x1 digits: fast on CPU. The
-    max-pools (28 -> 14 -> 7) let the last stage see most of the image before the global
-    average. The stride-2 convolutions (32, 64, 64) it replaces underfit: 85 % training accuracy
-    on mnist5k after 5 epochs, at more than twice the parameters.
+    max-pools (28 -> 14 -> 7 -> 4) let the last stage see the whole image before the global
+    average; the cheap fourth stage (4x4) is what lifts Fashion-MNIST from underfitting (79 %
+    training accuracy after 3 epochs on 10,000 images with three stages, 86 % with four). With
+    stride-2 convolutions and no pools, (32, 64, 64) underfit even mnist5k (85 % training
+    accuracy after 5 epochs).
     """
 
     num_classes: int
-    features: Sequence[int] = (16, 32, 64)
+    features: Sequence[int] = (16, 32, 64, 128)
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
 

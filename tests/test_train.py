@@ -92,12 +92,12 @@ def test_help_lists_every_flag(capsys):
 def test_resolve_fills_dataset_and_optimizer_defaults():
     default = config_lib.resolve(config_lib.TrainConfig())
     assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "ssam")
-    assert default.epochs == 8 and default.crop_padding == 0 and default.output_dir
+    assert default.epochs == 5 and default.crop_padding == 0 and default.output_dir
     cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="ssam"))
     assert cifar.epochs == 200 and cifar.validation_size == 5000 and cifar.rho == 0.05
     assert cifar.crop_padding == 4
     fashion = config_lib.resolve(config_lib.TrainConfig(dataset="fashion_mnist"))
-    assert (fashion.batch_size, fashion.validation_size, fashion.crop_padding) == (128, 5000, 2)
+    assert (fashion.batch_size, fashion.validation_size, fashion.crop_padding) == (128, 5000, 0)
     assert (fashion.label_noise, fashion.label_noise_mode, fashion.train_size) == (
         0.0,
         "symmetric",
