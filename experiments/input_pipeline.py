@@ -18,19 +18,30 @@ Data sets (:data:`DATASETS`):
   run, whatever ``split_seed``.
 * ``digits``: scikit-learn's 1,797 8x8 digits (values 0-16 scaled to 0-255), split into train and
   test the same way with 20 % (359 images) for test.
+* ``fashion_mnist``: Zalando's Fashion-MNIST (60,000 training and 10,000 test images, 28x28x1,
+  10 classes) from the four original IDX files (gzipped or not) in ``data_dir``, else from the
+  Debian package's folder :data:`FASHION_MNIST_DEBIAN_DIR` (``apt-get install
+  dataset-fashion-mnist``), else from a TFDS copy read with ``tfds.data_source``. Horizontal
+  flips are on (clothes are left-right symmetric; digits are not).
 
 ``mnist5k`` and ``digits`` need no network and no ``data_dir``. For every data set the validation
 images are held out of the training split with a permutation seeded by ``split_seed``; the test
-split is never touched. The normalization statistics come from what is left for training.
+split is never touched. ``train_size`` keeps a seeded subset of what is left for training, and
+``label_noise`` corrupts a seeded fraction of the training labels (:func:`corrupt_labels`);
+validation and test labels stay clean. The normalization statistics come from the final
+training split. Labels outside ``[0, num_classes)`` are refused when a data set is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import math
 import os
 import pickle
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -38,7 +49,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist5k", "digits")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist5k", "digits", "fashion_mnist")
+
+NUM_CLASSES: dict[str, int] = {
+    "cifar10": 10,
+    "cifar100": 100,
+    "mnist5k": 10,
+    "digits": 10,
+    "fashion_mnist": 10,
+}
+
+LABEL_NOISE_MODES: tuple[str, ...] = ("symmetric", "asymmetric")
+
+# Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the four gzipped IDX files.
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+# Asymmetric ("pair") label noise: class -> the class it is mistaken for, between look-alike
+# classes, in the style of Patrini et al. (2017) for CIFAR-10 and MNIST. Classes not listed keep
+# their labels. Data sets without a map here use c -> (c + 1) mod num_classes.
+ASYMMETRIC_NOISE_MAPS: dict[str, dict[int, int]] = {
+    # T-shirt -> Shirt, Pullover -> Coat, Coat -> Pullover, Sandal -> Sneaker,
+    # Sneaker -> Ankle boot, Ankle boot -> Sandal.
+    "fashion_mnist": {0: 6, 2: 4, 4: 2, 5: 7, 7: 9, 9: 5},
+    # truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
+    "cifar10": {9: 1, 2: 0, 4: 7, 3: 5, 5: 3},
+    # 2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1.
+    "mnist5k": {2: 7, 3: 8, 5: 6, 6: 5, 7: 1},
+    "digits": {2: 7, 3: 8, 5: 6, 6: 5, 7: 1},
+}
 
 # Seed of the fixed train/test split of the data sets that ship without a test split.
 TEST_SPLIT_SEED = 0
@@ -65,6 +116,9 @@ class Dataset:
     mean: tuple[float, ...]  # Per channel, in [0, 255] units, from the training split.
     std: tuple[float, ...]
     random_flip: bool  # Whether horizontal flips are a sensible augmentation (not for digits).
+    # Label noise on the training split: how many labels were changed, and the labels before.
+    noisy_labels: int = 0
+    clean_train_labels: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -75,7 +129,9 @@ class Dataset:
         return (
             f"Dataset(name={self.name!r}, train={len(self.train_labels)}, "
             f"val={len(self.val_labels)}, test={len(self.test_labels)}, "
-            f"image_shape={self.image_shape}, num_classes={self.num_classes})"
+            f"image_shape={self.image_shape}, num_classes={self.num_classes}"
+            + (f", noisy_labels={self.noisy_labels}" if self.noisy_labels else "")
+            + ")"
         )
 
 
@@ -96,28 +152,45 @@ def load_dataset(
     data_dir: str | None = None,
     validation_size: int = 5000,
     split_seed: int = 0,
+    train_size: int | None = None,
+    label_noise: float = 0.0,
+    label_noise_mode: str = "symmetric",
+    label_noise_seed: int = 0,
 ) -> Dataset:
     """Loads a data set into memory and holds ``validation_size`` training images out.
 
     Args:
       name: one of :data:`DATASETS`.
       data_dir: where to look for CIFAR (a TFDS data directory, or a folder holding the CIFAR
-        python version or its archive). Defaults to ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``, like TFDS. Ignored by ``mnist5k`` and ``digits``.
+        python version or its archive) or Fashion-MNIST (a folder with the four IDX files, or a
+        TFDS data directory). Defaults to ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``, like
+        TFDS. Ignored by ``mnist5k`` and ``digits``.
       validation_size: number of training images held out for validation (0 for none).
-      split_seed: seed of the permutation that picks the validation images.
+      split_seed: seed of the permutation that picks the validation images (and the
+        ``train_size`` subset: the validation split does not depend on ``train_size``).
+      train_size: keep only this many of the remaining training images (``None``: all).
+      label_noise: fraction of the training labels to corrupt, in [0, 1); see
+        :func:`corrupt_labels`. Validation and test labels stay clean.
+      label_noise_mode: ``"symmetric"`` or ``"asymmetric"`` (:data:`ASYMMETRIC_NOISE_MAPS`).
+      label_noise_seed: seed of the corrupted labels' choice.
 
     Returns:
-      A :class:`Dataset`.
+      A :class:`Dataset`; with label noise, ``noisy_labels`` counts the changed training labels
+      and ``clean_train_labels`` holds the labels before corruption.
 
     Raises:
-      ValueError: unknown ``name`` or a ``validation_size`` that leaves no training images.
-      FileNotFoundError: CIFAR data not found; the message says how to get it.
+      ValueError: unknown ``name``, a ``validation_size``/``train_size`` that leaves no training
+        images, bad label-noise arguments, labels outside ``[0, num_classes)``, or a corrupt
+        data file (the message names it).
+      FileNotFoundError: CIFAR or Fashion-MNIST data not found; the message says how to get it.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
     if validation_size < 0:
         raise ValueError(f"validation_size must be >= 0, got {validation_size}.")
+    if train_size is not None and train_size < 1:
+        raise ValueError(f"train_size must be >= 1 (or None for all), got {train_size}.")
+    _check_label_noise(label_noise, label_noise_mode)
 
     if name in ("cifar10", "cifar100"):
         splits = _load_cifar(name, _resolve_data_dir(data_dir))
@@ -126,9 +199,15 @@ def load_dataset(
     elif name == "mnist5k":
         splits = _load_mnist5k()
         num_classes, random_flip = 10, False
+    elif name == "fashion_mnist":
+        splits = _load_fashion_mnist(data_dir)
+        num_classes, random_flip = 10, True
     else:
         splits = _load_digits()
         num_classes, random_flip = 10, False
+    # Out-of-range labels would index past the one-hot targets and train silently on garbage.
+    check_labels(splits.train_labels, num_classes, f"{name} training split")
+    check_labels(splits.test_labels, num_classes, f"{name} test split")
 
     num_train = len(splits.train_labels)
     if validation_size >= num_train:
@@ -137,12 +216,31 @@ def load_dataset(
             f"{num_train} training images. Pass a smaller validation_size."
         )
     train_idx, val_idx = _validation_split(num_train, validation_size, split_seed)
+    if train_size is not None:
+        if train_size > len(train_idx):
+            raise ValueError(
+                f"train_size={train_size} is more than the {len(train_idx)} training images "
+                f"{name} has after holding out {validation_size} for validation."
+            )
+        train_idx = _training_subset(num_train, validation_size, train_size, split_seed)
     train_images = splits.train_images[train_idx]
+    clean_train_labels = splits.train_labels[train_idx]
+    train_labels, noisy_labels = clean_train_labels, 0
+    if label_noise > 0:
+        train_labels = corrupt_labels(
+            clean_train_labels,
+            label_noise,
+            num_classes,
+            label_noise_seed,
+            mode=label_noise_mode,
+            mapping=ASYMMETRIC_NOISE_MAPS.get(name),
+        )
+        noisy_labels = int(np.count_nonzero(train_labels != clean_train_labels))
     mean, std = _channel_mean_std(train_images)
     return Dataset(
         name=name,
         train_images=train_images,
-        train_labels=splits.train_labels[train_idx],
+        train_labels=train_labels,
         val_images=splits.train_images[val_idx],
         val_labels=splits.train_labels[val_idx],
         test_images=splits.test_images,
@@ -151,7 +249,25 @@ def load_dataset(
         mean=mean,
         std=std,
         random_flip=random_flip,
+        noisy_labels=noisy_labels,
+        clean_train_labels=clean_train_labels if label_noise > 0 else None,
     )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:
+    """Raises ValueError naming ``origin`` when a label lies outside ``[0, num_classes)``."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{origin}: labels must be integers, got dtype {labels.dtype}.")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{origin}: label {int(labels[bad[0]])} at index {int(bad[0])} lies outside "
+            f"[0, {num_classes}) ({bad.size} such labels): the data is corrupt or is not this "
+            "data set."
+        )
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
@@ -167,6 +283,77 @@ def _validation_split(
     """(train indices, validation indices), disjoint, each in increasing order."""
     permutation = np.random.default_rng(seed).permutation(num_examples)
     return np.sort(permutation[validation_size:]), np.sort(permutation[:validation_size])
+
+
+def _training_subset(
+    num_examples: int, validation_size: int, train_size: int, seed: int
+) -> np.ndarray:
+    """The first ``train_size`` training indices of :func:`_validation_split`'s permutation,
+    sorted: disjoint from its validation indices, and nested (a smaller subset is a prefix)."""
+    permutation = np.random.default_rng(seed).permutation(num_examples)
+    return np.sort(permutation[validation_size : validation_size + train_size])
+
+
+# --- Label noise. --------------------------------------------------------------------------------
+
+
+def _check_label_noise(rate: float, mode: str) -> None:
+    if not (math.isfinite(rate) and 0.0 <= rate < 1.0):
+        raise ValueError(f"label_noise must be a finite fraction in [0, 1), got {rate}.")
+    if mode not in LABEL_NOISE_MODES:
+        raise ValueError(f"label_noise_mode must be one of {LABEL_NOISE_MODES}, got {mode!r}.")
+
+
+def corrupt_labels(
+    labels: np.ndarray,
+    rate: float,
+    num_classes: int,
+    seed: int,
+    *,
+    mode: str = "symmetric",
+    mapping: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Labels with a seeded fraction ``rate`` replaced by wrong ones (a new int32 array).
+
+    * ``symmetric``: exactly ``round(rate * N)`` labels, chosen uniformly, each replaced by a
+      class drawn uniformly from the ``num_classes - 1`` *other* classes.
+    * ``asymmetric``: for every class ``c`` in ``mapping``, exactly ``round(rate * N_c)`` of its
+      ``N_c`` labels become ``mapping[c]`` (a fixed look-alike class); classes not in
+      ``mapping`` keep their labels. ``mapping=None`` means ``c -> (c + 1) mod num_classes``.
+
+    A pure function of its arguments: the same seed gives the same labels.
+
+    Raises:
+      ValueError: ``rate`` outside [0, 1), an unknown ``mode``, fewer than 2 classes, labels
+        outside ``[0, num_classes)``, or a mapping to itself or out of range.
+    """
+    _check_label_noise(rate, mode)
+    if num_classes < 2:
+        raise ValueError(f"Label noise needs at least 2 classes, got num_classes={num_classes}.")
+    labels = np.asarray(labels)
+    check_labels(labels, num_classes, "corrupt_labels")
+    noisy = labels.astype(np.int32, copy=True)
+    # [seed, 1], not seed: a stream apart from the validation split's, which the same seed
+    # value (split_seed) may drive.
+    rng = np.random.default_rng([seed, 1])
+    if mode == "symmetric":
+        count = round(rate * len(labels))
+        chosen = rng.choice(len(labels), size=count, replace=False)
+        # An offset in [1, K) modulo K: uniform over the other classes, never the same one.
+        offsets = rng.integers(1, num_classes, size=count)
+        noisy[chosen] = (noisy[chosen] + offsets) % num_classes
+        return noisy
+    if mapping is None:
+        mapping = {c: (c + 1) % num_classes for c in range(num_classes)}
+    for source, target in sorted(mapping.items()):
+        if source == target or not (0 <= source < num_classes and 0 <= target < num_classes):
+            raise ValueError(
+                f"Bad asymmetric noise mapping {source} -> {target} for {num_classes} classes."
+            )
+        members = np.flatnonzero(labels == source)
+        count = round(rate * len(members))
+        noisy[rng.choice(members, size=count, replace=False)] = target
+    return noisy
 
 
 def _stratified_split(
@@ -239,6 +426,152 @@ def _load_digits() -> _Splits:
     return _Splits(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
 
 
+# --- Fashion-MNIST: the four IDX files, the Debian package, or TFDS. ----------------------------
+
+# Split -> (images file, labels file), without the optional ".gz".
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+# IDX type code of unsigned bytes, the only type the MNIST-format files use.
+_IDX_UBYTE = 0x08
+
+
+def _load_fashion_mnist(data_dir: str | os.PathLike | None) -> _Splits:
+    folder = _resolve_data_dir(data_dir)
+    searched = []
+    for candidate in (folder, FASHION_MNIST_DEBIAN_DIR):
+        paths = _find_idx_files(candidate)
+        if any(path is not None for path in paths.values()):
+            missing = [name for name, path in paths.items() if path is None]
+            if missing:
+                # A folder with some of the files is an incomplete copy, not an absent one.
+                raise FileNotFoundError(
+                    f"{candidate} holds only some of Fashion-MNIST's IDX files: {missing} "
+                    f"(or their .gz) are missing. Download them from {FASHION_MNIST_URL}/."
+                )
+            return _read_fashion_mnist_idx(paths)
+        searched.append(candidate)
+
+    try:
+        return _load_tfds("fashion_mnist", folder)
+    except ImportError as error:
+        tfds_problem = f"tensorflow-datasets is not installed ({error})."
+    except (NotImplementedError, ValueError, OSError, AssertionError) as error:
+        if os.path.isdir(os.path.join(folder, "fashion_mnist")):
+            tfds_problem = f"TFDS could not read it: {type(error).__name__}: {error}"
+        else:
+            tfds_problem = f"there is no {os.path.join(folder, 'fashion_mnist')}/."
+    raise FileNotFoundError(_missing_fashion_mnist_message(folder, tfds_problem))
+
+
+def _find_idx_files(folder: str) -> dict[str, str | None]:
+    """Base name -> the path of that file, plain or gzipped, in ``folder`` (None if absent)."""
+    found: dict[str, str | None] = {}
+    for names in _FASHION_MNIST_FILES.values():
+        for name in names:
+            found[name] = next(
+                (
+                    os.path.join(folder, name + suffix)
+                    for suffix in ("", ".gz")
+                    if os.path.isfile(os.path.join(folder, name + suffix))
+                ),
+                None,
+            )
+    return found
+
+
+def _read_fashion_mnist_idx(paths: Mapping[str, str | None]) -> _Splits:
+    arrays = []
+    for split, (images_name, labels_name) in _FASHION_MNIST_FILES.items():
+        images_path, labels_path = paths[images_name], paths[labels_name]
+        images = read_idx(images_path, ndim=3)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(
+                f"{images_path}: Fashion-MNIST images are 28x28, the file says "
+                f"{images.shape[1]}x{images.shape[2]}."
+            )
+        labels = read_idx(labels_path, ndim=1).astype(np.int32)
+        if len(labels) != len(images):
+            raise ValueError(
+                f"{labels_path} has {len(labels)} labels but {images_path} has {len(images)} "
+                "images: the files do not belong together."
+            )
+        if len(images) != _FASHION_MNIST_SIZES[split]:
+            # Not an error (a user may keep a subset), but worth knowing.
+            print(
+                f"Note: {images_path} holds {len(images)} images; Fashion-MNIST's {split} split "
+                f"has {_FASHION_MNIST_SIZES[split]}."
+            )
+        check_labels(labels, 10, labels_path)
+        arrays += [images[..., None], labels]
+    return _Splits(*arrays)
+
+
+def read_idx(path: str, *, ndim: int) -> np.ndarray:
+    """Reads an IDX file of unsigned bytes with ``ndim`` dimensions (the MNIST format), gzipped
+    when its name ends in ``.gz``. Returns a read-only uint8 array over the file's bytes.
+
+    Raises:
+      ValueError: naming ``path`` when the file is not gzip though named .gz, is truncated, has a
+        bad magic number or dimension count, or holds more or fewer bytes than its header says.
+    """
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a valid gzip file ({error}).") from None
+    if data[:2] == b"\x1f\x8b":
+        raise ValueError(
+            f"{path}: gzip data in a file whose name does not end in .gz; rename it {path}.gz."
+        )
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise ValueError(
+            f"{path}: {len(data)} bytes, shorter than an IDX header ({header_size} bytes)."
+        )
+    # Magic number: two zero bytes, the element type, the number of dimensions.
+    zeros, dtype_code, file_ndim = data[:2], data[2], data[3]
+    if zeros != b"\x00\x00" or dtype_code != _IDX_UBYTE or file_ndim != ndim:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{data[:4].hex()} (expected "
+            f"0x0000{_IDX_UBYTE:02x}{ndim:02x}: unsigned bytes, {ndim} dimensions)."
+        )
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = math.prod(shape)
+    actual = len(data) - header_size
+    if actual != expected:
+        raise ValueError(
+            f"{path}: the header says {shape} = {expected} bytes of data, the file has {actual} "
+            f"({'truncated' if actual < expected else 'trailing bytes'})."
+        )
+    return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
+
+
+def _missing_fashion_mnist_message(data_dir: str, tfds_problem: str) -> str:
+    files = ", ".join(f"{name}[.gz]" for names in _FASHION_MNIST_FILES.values() for name in names)
+    return (
+        "fashion_mnist was not found. Looked for:\n"
+        f"  * the four IDX files ({files}) in data_dir={data_dir!r}\n"
+        f"  * the same files in {FASHION_MNIST_DEBIAN_DIR}/ (Debian package)\n"
+        f"  * a TFDS copy prepared in the array_record format "
+        f"({os.path.join(data_dir, 'fashion_mnist')}/<version>/): {tfds_problem.strip()}\n"
+        "Get the data in one of these ways:\n"
+        "  1. sudo apt-get install dataset-fashion-mnist  # Debian/Ubuntu: installs the files "
+        f"in {FASHION_MNIST_DEBIAN_DIR}/\n"
+        f'  2. pip install "sam-optax[experiments,prepare]"  # preparing needs TensorFlow once\n'
+        f"     python -c \"import tensorflow_datasets as tfds; tfds.builder('fashion_mnist', "
+        f"data_dir='{data_dir}').download_and_prepare(file_format='array_record')\"\n"
+        f"  3. download the four .gz files from {FASHION_MNIST_URL}/ into a folder and pass "
+        "data_dir= (--data-dir) pointing at it (gzipped or not; no need to extract them)"
+    )
+
+
 # --- CIFAR: a prepared TFDS copy, or the original python version. -------------------------------
 
 # Per data set: folder name inside the archive, archive name, download address, label key and
@@ -265,7 +598,7 @@ _CIFAR_PYTHON = {
 
 def _load_cifar(name: str, data_dir: str) -> _Splits:
     try:
-        return _load_cifar_tfds(name, data_dir)
+        return _load_tfds(name, data_dir)
     except ImportError as error:
         tfds_problem = f"tensorflow-datasets is not installed ({error})."
     except (NotImplementedError, ValueError, OSError, AssertionError) as error:
@@ -308,7 +641,7 @@ def _missing_cifar_message(name: str, data_dir: str, tfds_problem: str) -> str:
     )
 
 
-def _load_cifar_tfds(name: str, data_dir: str) -> _Splits:
+def _load_tfds(name: str, data_dir: str) -> _Splits:
     import tensorflow_datasets as tfds
 
     # An explicit split dict: `split=None` means "the splits in the metadata", which comes back
@@ -544,12 +877,19 @@ def eval_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarra
 
 
 __all__ = [
+    "ASYMMETRIC_NOISE_MAPS",
     "DATASETS",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "LABEL_NOISE_MODES",
+    "NUM_CLASSES",
     "Dataset",
     "augment",
+    "check_labels",
+    "corrupt_labels",
     "epoch_permutation",
     "eval_batches",
     "load_dataset",
     "normalize",
+    "read_idx",
     "train_batch_indices",
 ]

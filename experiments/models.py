@@ -442,13 +442,19 @@ class VGG(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A few conv3x3-BN-ReLU layers (all but the first strided by 2) and a linear layer.
+    """conv3x3-BN-ReLU stages with a 2x2 max-pool between them, then global average pooling and
+    a linear layer.
 
-    Meant for the small embedded data sets (28x28x1 MNIST subset, 8x8x1 digits): fast on CPU.
+    Meant for the 28x28x1 sets (MNIST subset, Fashion-MNIST) and 8x8x1 digits: fast on CPU. The
+    max-pools (28 -> 14 -> 7 -> 4) let the last stage see the whole image before the global
+    average; the cheap fourth stage (4x4) is what lifts Fashion-MNIST from underfitting (79 %
+    training accuracy after 3 epochs on 10,000 images with three stages, 86 % with four). With
+    stride-2 convolutions and no pools, (32, 64, 64) underfit even mnist5k (85 % training
+    accuracy after 5 epochs).
     """
 
     num_classes: int
-    features: Sequence[int] = (32, 64, 64)
+    features: Sequence[int] = (16, 32, 64, 128)
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
 
@@ -457,8 +463,10 @@ class SmallCNN(nn.Module):
         conv = _conv_def(self.dtype)
         norm = _norm_def(train, self.dtype, self.bn_axis_name)
         for index, features in enumerate(self.features):
-            strides = 1 if index == 0 else 2
-            x = nn.relu(norm()(conv(features, (3, 3), strides, padding=1)(x)))
+            if index > 0:
+                # SAME: odd sizes (7 -> 4) keep their last row and column.
+                x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+            x = nn.relu(norm()(conv(features, (3, 3), padding=1)(x)))
         return _classifier(x, self.num_classes, self.dtype)
 
 

@@ -232,6 +232,7 @@ def summarize(
     num_params: int,
     num_devices: int,
     wall_time: float,
+    noisy_labels: int = 0,
 ) -> dict[str, Any]:
     """The run's summary from its per-epoch rows (which span resumed runs too)."""
     val_rows = [r for r in rows if "val_accuracy" in r]
@@ -250,12 +251,19 @@ def summarize(
         "learning_rate": config.learning_rate,
         "weight_decay": config.weight_decay,
         "seed": config.seed,
+        "train_size": config.train_size,
+        "label_noise": config.label_noise,
+        "label_noise_mode": config.label_noise_mode,
+        "noisy_labels": noisy_labels,
         "epochs": config.epochs,
         "steps": config.epochs * steps_per_epoch,
         "num_params": num_params,
         "num_devices": num_devices,
         "best_val_accuracy": best["val_accuracy"] if best else None,
         "best_val_epoch": best["epoch"] if best else None,
+        # The test accuracy of the epoch that the validation split picks (early stopping), the
+        # number to report where the final epoch has memorized noisy labels.
+        "test_accuracy_at_best_val": best.get("test_accuracy") if best else None,
         "final_val_accuracy": val_rows[-1]["val_accuracy"] if val_rows else None,
         "final_test_accuracy": test_rows[-1]["test_accuracy"] if test_rows else None,
         "final_test_loss": test_rows[-1]["test_loss"] if test_rows else None,

@@ -59,6 +59,7 @@ class Experiment:
     learning_rate: optax.Schedule
     rho: float | optax.Schedule
     num_params: int
+    noisy_labels: int = 0  # training labels that label noise changed
 
     @property
     def num_devices(self) -> int:
@@ -205,6 +206,7 @@ def create_experiment(
         learning_rate=optimizers.learning_rate_schedule(config, steps_per_epoch),
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
+        noisy_labels=dataset.noisy_labels,
     )
 
 
@@ -232,6 +234,12 @@ def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
         data_dir=config.data_dir,
         validation_size=config.validation_size,
         split_seed=config.split_seed,
+        train_size=config.train_size or None,
+        label_noise=config.label_noise,
+        label_noise_mode=config.label_noise_mode,
+        # The noisy labels belong to the data split, not to the training seed: every seed of a
+        # comparison sees the same corrupted labels.
+        label_noise_seed=config.split_seed,
     )
 
 
@@ -371,6 +379,7 @@ def train_and_evaluate(
         steps_per_epoch=experiment.steps_per_epoch,
         num_params=experiment.num_params,
         num_devices=experiment.num_devices,
+        noisy_labels=experiment.noisy_labels,
         wall_time=time.perf_counter() - wall_start,
     )
     run_dir.write_summary(config, summary)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from experiments import config as config_lib
-from experiments import presets, variants
+from experiments import input_pipeline, presets, variants
 from experiments import train as train_cli
 
 
@@ -23,9 +23,18 @@ def test_help_lists_every_flag(capsys):
 def test_resolve_fills_dataset_and_optimizer_defaults():
     default = config_lib.resolve(config_lib.TrainConfig())
     assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "ssam")
-    assert default.epochs == 5 and default.output_dir
+    assert default.epochs == 5 and default.crop_padding == 0 and default.output_dir
     cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="ssam"))
     assert cifar.epochs == 200 and cifar.validation_size == 5000 and cifar.rho == 0.05
+    assert cifar.crop_padding == 4
+    fashion = config_lib.resolve(config_lib.TrainConfig(dataset="fashion_mnist"))
+    assert (fashion.batch_size, fashion.validation_size, fashion.crop_padding) == (128, 5000, 0)
+    assert (fashion.label_noise, fashion.label_noise_mode, fashion.train_size) == (
+        0.0,
+        "symmetric",
+        0,
+    )
+    assert config_lib.resolve(config_lib.TrainConfig(crop_padding=3)).crop_padding == 3
     assert config_lib.resolve(config_lib.TrainConfig(optimizer="asam")).rho == 0.5
     assert config_lib.resolve(config_lib.TrainConfig(optimizer="sam", rho=0.2)).rho == 0.2
 
@@ -36,6 +45,12 @@ def test_resolve_fills_dataset_and_optimizer_defaults():
         (dict(optimizer="sgd", sam_start_epoch=2), "--sam-start-epoch needs a SAM optimizer"),
         (dict(optimizer="sam", sam_start_epoch=9, epochs=5), "--sam-start-epoch must lie"),
         (dict(resume=True, overwrite=True), "exclude each other"),
+        (dict(label_noise=1.0), "--label-noise must be a fraction in"),
+        (dict(label_noise=-0.1), "--label-noise must be a fraction in"),
+        (dict(label_noise=float("nan")), "--label-noise must be a fraction in"),
+        (dict(label_noise_mode="pairs"), "--label-noise-mode must be one of"),
+        (dict(train_size=-1), "--train-size must be >= 0"),
+        (dict(crop_padding=-1), "--crop-padding must be >= 0"),
         (dict(lr_schedule="multistep", lr_milestones="80;120"), "--lr-milestones"),
         (dict(model_kwargs="[1]"), "--model-kwargs"),
     ],
@@ -79,3 +94,8 @@ def test_cli_choices_come_from_the_registries():
     assert fields["optimizer"].metadata["choices"] == config_lib.OPTIMIZERS
     for name in variants.VARIANTS:
         assert name in fields["optimizer"].metadata["help"]
+
+
+def test_config_data_sets_and_noise_modes_match_the_input_pipeline():
+    assert set(config_lib.DATASETS) == set(config_lib.DATASET_DEFAULTS)
+    assert config_lib.LABEL_NOISE_MODES == input_pipeline.LABEL_NOISE_MODES

@@ -3,6 +3,7 @@ sets), splits, on-device augmentation, and the data order."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -417,3 +418,309 @@ def test_eval_batches_count_every_example_once(num_examples, batch_size):
     counted = [i for indices, mask in batches for i, m in zip(indices, mask, strict=True) if m]
     assert counted == list(range(num_examples))
     assert sum(float(mask.sum()) for _, mask in batches) == num_examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST from IDX files.
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: 0x0000 0x08 ndim, big-endian dims, the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def _write_file(path, data: bytes, gz: bool) -> None:
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def write_fake_fashion_mnist(folder, num_train: int = 30, num_test: int = 10, gz: bool = True):
+    """Writes the four IDX files; returns (train images, labels, test images, labels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8)
+    test_x = rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8)
+    # Unique ids in pixel [0, 0] to track the examples through the splits.
+    train_x[:, 0, 0] = np.arange(1, num_train + 1)
+    test_x[:, 0, 0] = np.arange(100, 100 + num_test)
+    train_y = np.arange(num_train, dtype=np.uint8) % 10
+    test_y = np.arange(num_test, dtype=np.uint8) % 10
+    suffix = ".gz" if gz else ""
+    for name, array in zip(IDX_NAMES, (train_x, train_y, test_x, test_y), strict=True):
+        _write_file(folder / (name + suffix), _idx_bytes(array), gz)
+    return train_x, train_y, test_x, test_y
+
+
+@pytest.fixture
+def no_debian_folder(tmp_path, monkeypatch):
+    """Points the Debian package's folder at an empty one, so the tests do not depend on it."""
+    empty = tmp_path / "no-debian-package"
+    empty.mkdir()
+    monkeypatch.setattr(ip, "FASHION_MNIST_DEBIAN_DIR", str(empty))
+    return empty
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_idx_files(tmp_path, no_debian_folder, gz):
+    train_x, train_y, test_x, test_y = write_fake_fashion_mnist(tmp_path / "fm", gz=gz)
+    ds = ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "fm"), validation_size=6)
+    _assert_uint8_nhwc(ds, (28, 28, 1))
+    assert (len(ds.train_labels), len(ds.val_labels), len(ds.test_labels)) == (24, 6, 10)
+    assert ds.num_classes == 10 and ds.random_flip and ds.noisy_labels == 0
+    np.testing.assert_array_equal(ds.test_images[..., 0], test_x)
+    np.testing.assert_array_equal(ds.test_labels, test_y)
+    for images, labels in [(ds.train_images, ds.train_labels), (ds.val_images, ds.val_labels)]:
+        rows = images[:, 0, 0, 0].astype(int) - 1
+        np.testing.assert_array_equal(images[..., 0], train_x[rows])
+        np.testing.assert_array_equal(labels, train_y[rows])
+
+
+def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
+    _, _, test_x, _ = write_fake_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(ip, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian"))
+    (tmp_path / "empty").mkdir()
+    ds = ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), validation_size=5)
+    np.testing.assert_array_equal(ds.test_images[..., 0], test_x)
+
+
+def test_fashion_mnist_missing_names_the_commands_that_get_it(tmp_path, no_debian_folder):
+    with pytest.raises(FileNotFoundError) as error:
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert (
+        f"tfds.builder('fashion_mnist', data_dir='{tmp_path}')"
+        ".download_and_prepare(file_format='array_record')" in message
+    )
+    assert str(tmp_path) in message and str(no_debian_folder) in message
+    assert all(name in message for name in IDX_NAMES)
+
+
+def test_fashion_mnist_incomplete_folder_names_the_missing_files(tmp_path, no_debian_folder):
+    write_fake_fashion_mnist(tmp_path)
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+
+
+def _corrupt(folder, name: str, data: bytes, gz: bool = True) -> str:
+    path = folder / (name + (".gz" if gz else ""))
+    _write_file(path, data, gz)
+    return str(path)
+
+
+_LABELS = np.arange(30, dtype=np.uint8) % 10
+_IMAGES = np.zeros((30, 28, 28), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "name, data, gz, message",
+    [
+        # Not gzip although named .gz.
+        ("train-images-idx3-ubyte", _idx_bytes(_IMAGES), False, "not a valid gzip"),
+        # Bad magic numbers: an int32 type code, and a label file with 3 dimensions.
+        ("train-images-idx3-ubyte", b"\0\0\x0c\x03" + _idx_bytes(_IMAGES)[4:], True, "magic"),
+        ("train-labels-idx1-ubyte", _idx_bytes(_IMAGES), True, "magic"),
+        # Wrong image size.
+        ("train-images-idx3-ubyte", _idx_bytes(np.zeros((30, 32, 32), np.uint8)), True, "28x28"),
+        # Truncated data, and a header cut short.
+        ("train-images-idx3-ubyte", _idx_bytes(_IMAGES)[:-5], True, "truncated"),
+        ("t10k-labels-idx1-ubyte", b"\0\0\x08", True, "shorter than an IDX header"),
+        # As many labels as images, or it is not the right pair.
+        ("train-labels-idx1-ubyte", _idx_bytes(_LABELS[:29]), True, "29 labels"),
+        # Labels must be classes 0-9.
+        ("t10k-labels-idx1-ubyte", _idx_bytes(np.full(10, 10, np.uint8)), True, "label 10"),
+    ],
+)
+def test_fashion_mnist_corrupt_file_names_the_file(
+    tmp_path, no_debian_folder, name, data, gz, message
+):
+    write_fake_fashion_mnist(tmp_path)
+    if not gz:
+        os.remove(tmp_path / (name + ".gz"))
+        # The plain bytes under the .gz name.
+        (tmp_path / (name + ".gz")).write_bytes(data)
+        path = str(tmp_path / (name + ".gz"))
+    else:
+        path = _corrupt(tmp_path, name, data)
+    with pytest.raises(ValueError, match=message) as error:
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path), validation_size=5)
+    assert path in str(error.value)
+
+
+def test_gzip_data_without_the_gz_name_says_so(tmp_path, no_debian_folder):
+    write_fake_fashion_mnist(tmp_path)
+    os.rename(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-images-idx3-ubyte")
+    with pytest.raises(ValueError, match="rename it") as error:
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path), validation_size=5)
+    assert str(tmp_path / "t10k-images-idx3-ubyte") in str(error.value)
+
+
+def test_truncated_gzip_names_the_file(tmp_path, no_debian_folder):
+    write_fake_fashion_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="not a valid gzip") as error:
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path), validation_size=5)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(ip.FASHION_MNIST_DEBIAN_DIR),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+def test_real_fashion_mnist_from_the_debian_package():
+    ds = ip.load_dataset("fashion_mnist", validation_size=5000)
+    _assert_uint8_nhwc(ds, (28, 28, 1))
+    assert (len(ds.train_labels), len(ds.val_labels), len(ds.test_labels)) == (55000, 5000, 10000)
+    np.testing.assert_array_equal(_class_counts(ds.test_labels), np.full(10, 1000))
+
+
+# ----------------------------------------------------------------------------------------------
+# Label validation, training subsets and label noise.
+
+
+def test_out_of_range_labels_are_refused(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path)
+    real = ip._load_cifar
+
+    def with_a_bad_label(name, data_dir):
+        splits = real(name, data_dir)
+        labels = splits.train_labels.copy()
+        labels[3] = 10
+        return splits._replace(train_labels=labels)
+
+    monkeypatch.setattr(ip, "_load_cifar", with_a_bad_label)
+    with pytest.raises(ValueError, match="cifar10 training split: label 10 at index 3"):
+        ip.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=5)
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_check_labels_names_the_origin_and_the_value(bad):
+    labels = np.array([0, 3, bad, 9])
+    with pytest.raises(ValueError, match=rf"somewhere: label {bad} at index 2 lies outside"):
+        ip.check_labels(labels, 10, "somewhere")
+    ip.check_labels(np.array([0, 9]), 10, "fine")
+    ip.check_labels(np.array([], np.int32), 10, "empty")
+
+
+def test_train_size_is_a_seeded_nested_subset_disjoint_from_validation(tmp_path):
+    write_fake_cifar10(tmp_path)
+    load = lambda size, seed=0: ip.load_dataset(
+        "cifar10", data_dir=str(tmp_path), validation_size=5, split_seed=seed, train_size=size
+    )
+    full, small, smaller = load(None), load(8), load(4)
+    assert (len(small.train_labels), len(smaller.train_labels)) == (8, 4)
+    np.testing.assert_array_equal(small.val_images, full.val_images)
+    assert set(_ids(smaller.train_images)) <= set(_ids(small.train_images))
+    assert set(_ids(small.train_images)) <= set(_ids(full.train_images))
+    np.testing.assert_array_equal(load(8).train_images, small.train_images)
+    assert set(_ids(load(8, seed=1).train_images)) != set(_ids(small.train_images))
+    pixels = small.train_images.astype(np.float64)
+    np.testing.assert_allclose(small.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
+    with pytest.raises(ValueError, match="train_size"):
+        load(16)
+    with pytest.raises(ValueError, match="train_size"):
+        load(0)
+
+
+@pytest.mark.parametrize("rate, num", [(0.4, 1000), (0.25, 7), (0.0, 50), (0.999, 20)])
+def test_symmetric_noise_changes_exactly_round_rate_n_labels(rate, num):
+    labels = np.random.default_rng(0).integers(0, 10, num).astype(np.int32)
+    noisy = ip.corrupt_labels(labels, rate, 10, seed=3)
+    assert noisy.dtype == np.int32 and noisy.shape == labels.shape
+    assert np.count_nonzero(noisy != labels) == round(rate * num)  # never the same class
+    assert noisy.min() >= 0 and noisy.max() < 10
+    np.testing.assert_array_equal(noisy, ip.corrupt_labels(labels, rate, 10, seed=3))
+    assert labels.base is None or not np.shares_memory(noisy, labels)
+
+
+def test_symmetric_noise_is_uniform_over_the_other_classes():
+    labels = np.zeros(20000, np.int32)
+    noisy = ip.corrupt_labels(labels, 0.9, 10, seed=0)
+    counts = np.bincount(noisy, minlength=10)
+    assert counts[0] == 2000
+    np.testing.assert_allclose(counts[1:] / 18000, np.full(9, 1 / 9), atol=0.01)
+
+
+def test_noise_is_seeded():
+    labels = np.arange(1000, dtype=np.int32) % 10
+    first = ip.corrupt_labels(labels, 0.3, 10, seed=0)
+    assert not np.array_equal(first, ip.corrupt_labels(labels, 0.3, 10, seed=1))
+    asym = ip.corrupt_labels(labels, 0.3, 10, seed=0, mode="asymmetric")
+    np.testing.assert_array_equal(
+        asym, ip.corrupt_labels(labels, 0.3, 10, seed=0, mode="asymmetric")
+    )
+
+
+def test_asymmetric_noise_follows_the_map_per_class():
+    labels = np.repeat(np.arange(10, dtype=np.int32), 100)
+    mapping = ip.ASYMMETRIC_NOISE_MAPS["fashion_mnist"]
+    assert mapping[0] == 6 and mapping[2] == 4 and mapping[5] == 7  # T-shirt->Shirt etc.
+    noisy = ip.corrupt_labels(labels, 0.3, 10, seed=0, mode="asymmetric", mapping=mapping)
+    for c in range(10):
+        changed = noisy[labels == c][noisy[labels == c] != c]
+        if c in mapping:
+            assert len(changed) == 30 and np.all(changed == mapping[c])
+        else:
+            assert len(changed) == 0
+    # Without a map: c -> c + 1 mod K, every class.
+    shifted = ip.corrupt_labels(labels, 0.5, 10, seed=0, mode="asymmetric")
+    changed = shifted != labels
+    assert changed.sum() == 500
+    np.testing.assert_array_equal(shifted[changed], (labels[changed] + 1) % 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rate=1.0), "label_noise"),
+        (dict(rate=-0.1), "label_noise"),
+        (dict(rate=float("nan")), "label_noise"),
+        (dict(mode="pairs"), "label_noise_mode"),
+        (dict(num_classes=1), "at least 2 classes"),
+        (dict(labels=np.array([0, 12])), "label 12"),
+        (dict(mode="asymmetric", mapping={1: 1}), "mapping"),
+    ],
+)
+def test_corrupt_labels_rejects_bad_arguments(kwargs, message):
+    args = dict(labels=np.array([0, 1, 2]), rate=0.5, num_classes=10, seed=0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ip.corrupt_labels(**args)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+def test_load_dataset_corrupts_only_the_training_labels(tmp_path, no_debian_folder, mode):
+    write_fake_fashion_mnist(tmp_path, num_train=200, num_test=20)
+    load = lambda **kw: ip.load_dataset(
+        "fashion_mnist", data_dir=str(tmp_path), validation_size=40, **kw
+    )
+    clean = load()
+    noisy = load(label_noise=0.5, label_noise_mode=mode, label_noise_seed=1)
+    np.testing.assert_array_equal(noisy.train_images, clean.train_images)
+    np.testing.assert_array_equal(noisy.clean_train_labels, clean.train_labels)
+    changed = np.count_nonzero(noisy.train_labels != clean.train_labels)
+    assert noisy.noisy_labels == changed > 0
+    if mode == "symmetric":
+        assert changed == 80
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(
+            getattr(noisy, f"{split}_labels"), getattr(clean, f"{split}_labels")
+        )
+        np.testing.assert_array_equal(
+            getattr(noisy, f"{split}_images"), getattr(clean, f"{split}_images")
+        )
+    assert "noisy_labels=" in repr(noisy) and clean.clean_train_labels is None
+    with pytest.raises(ValueError, match="label_noise"):
+        load(label_noise=1.0)

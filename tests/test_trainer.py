@@ -333,3 +333,14 @@ def test_cli_reports_bad_configuration_without_traceback(tmp_path, capsys):
         train_cli.main(["--optimizer=sgd", "--sam-start-epoch=2", f"--output-dir={tmp_path / 'x'}"])
     assert exit_info.value.code == 2
     assert "--sam-start-epoch needs a SAM optimizer" in capsys.readouterr().err
+
+
+def test_training_subset_and_label_noise_reach_the_loaded_data(mock_data_dir):
+    config = tiny_config(data_dir=mock_data_dir, train_size=16, label_noise=0.25)
+    with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+        noisy = trainer.load_dataset(config)
+        clean = trainer.load_dataset(config.replace(label_noise=0.0))
+    assert len(noisy.train_labels) == 16 and noisy.noisy_labels == 4
+    assert int(np.sum(noisy.train_labels != clean.train_labels)) == 4
+    np.testing.assert_array_equal(noisy.val_labels, clean.val_labels)
+    np.testing.assert_array_equal(noisy.test_labels, clean.test_labels)
