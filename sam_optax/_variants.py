@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._sam import (
@@ -125,10 +126,11 @@ def _zero_buffers(params):
 
 def _check_real(name: str, value: Any, low: float, high: float | None, hint: str) -> None:
     """value in [low, high] (or >= low without high) when it is known at construction."""
-    number = _concrete_float(value)
-    if number is None:
-        if isinstance(value, (jax.core.Tracer, jax.Array)):
-            return
+    if isinstance(value, jax.core.Tracer):
+        return
+    real = isinstance(value, (numbers.Real, jax.Array, np.ndarray))
+    number = _concrete_float(value) if real else None
+    if number is None or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {value!r}. {hint}")
     if not (number >= low and (high is None or number <= high)):
         interval = f"in [{low}, {high}]" if high is not None else f">= {low}"
