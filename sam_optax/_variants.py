@@ -102,16 +102,18 @@ def _inner(a, b) -> jax.Array:
     return sum(leaves) if leaves else jnp.zeros([], jnp.float32)
 
 
-def _normalized(tree):
-    """n(v) = v / ||v||, 0 for v = 0."""
-    inv = _safe_divide(jnp.ones([], jnp.float32), _l2_norm(tree))
-    return jax.tree.map(lambda x: x * inv.astype(x.dtype), tree)
+def _projection_coefficient(v, u):
+    """<v, u> / ||u||^2 (0 for u = 0): v - c u is the part of v orthogonal to u. Written with
+    the two sums over the same arrays and no normalized copy of u, so that a whole projection
+    costs one reduction pass and one elementwise pass over the parameters."""
+    return _safe_divide(_inner(v, u), _inner(u, u))
 
 
-def _orthogonal_part(v, u):
-    """v - <v, u> u for a unit (or zero) u: the part of v orthogonal to u."""
-    coefficient = _inner(v, u)
-    return jax.tree.map(lambda x, y: x - coefficient.astype(x.dtype) * y, v, u)
+def _axpby(a, x, b, y):
+    """a * x + b * y, leaf by leaf, for scalars a and b."""
+    return jax.tree.map(
+        lambda xi, yi: jnp.asarray(a, xi.dtype) * xi + jnp.asarray(b, yi.dtype) * yi, x, y
+    )
 
 
 def _axpy(a, x, y):
@@ -185,49 +187,50 @@ class _Ascent:
         if self.axis_name is not None:
             _check_per_device_gradient(updates, self.axis_name)
 
-    def perturbed_gradient(self, direction, updates, params, grad_fn, rho, when=None):
-        """(the local gradient at w + eps, eps) with eps = rho T n(T direction).
+    @property
+    def needs_eps(self) -> bool:
+        return self.stable and self.stable_norm == "adaptive"
 
-        Where rho is 0 or `when` (a traced boolean) is False this returns (updates, 0) and
-        `grad_fn` is not evaluated at run time (`lax.cond`).
-        """
-        mask = _resolve_mask(self.perturb_mask, params)
+    def no_eps(self, params):
+        """The eps of a step without ascent (None when nothing reads it)."""
+        if not self.needs_eps:
+            return None
+        return _typed_eps(jax.tree.map(jnp.zeros_like, params), self.axis_name)
 
-        def ascent():
-            eps, _ = _ascend(
-                direction,
-                params,
-                None,
-                rho,
-                adaptive=self.adaptive,
-                eta=self.eta,
-                normalize=True,
-                ascent_norm=2.0,
-                ascent_steps=1,
-                mask=mask,
-                final_gradient=False,
-            )
-            return eps
+    def second_pass(self, direction, updates, params, grad_fn, rho):
+        """(the local gradient at w + eps, eps) with eps = rho T n(T direction); eps is None
+        when nothing reads it."""
+        eps, _ = _ascend(
+            direction,
+            params,
+            None,
+            rho,
+            adaptive=self.adaptive,
+            eta=self.eta,
+            normalize=True,
+            ascent_norm=2.0,
+            ascent_steps=1,
+            mask=_resolve_mask(self.perturb_mask, params),
+            final_gradient=False,
+        )
+        perturbed = _add(params, eps)
+        if self.axis_name is not None:
+            perturbed = per_device(perturbed, self.axis_name)
+        g_p = _call_grad_fn(grad_fn, perturbed, updates)
+        return g_p, (_typed_eps(eps, self.axis_name) if self.needs_eps else None)
 
-        def second_pass():
-            eps = ascent()
-            perturbed = _add(params, eps)
-            if self.axis_name is not None:
-                perturbed = per_device(perturbed, self.axis_name)
-            g_p = _call_grad_fn(grad_fn, perturbed, updates)
-            return g_p, _typed_eps(eps, self.axis_name)
-
-        def skip():
-            return updates, _typed_eps(jax.tree.map(jnp.zeros_like, params), self.axis_name)
-
+    def perturbed_gradient(self, direction, updates, params, grad_fn, rho):
+        """:meth:`second_pass`, or (updates, 0) where rho is 0 without evaluating `grad_fn` at
+        run time (`lax.cond` when rho is only known then)."""
         if self.static_rho == 0:
-            return skip()
-        take = None if self.static_rho is not None else jnp.asarray(rho) > 0
-        if when is not None:
-            take = when if take is None else jnp.logical_and(take, when)
-        if take is None:
-            return second_pass()
-        return jax.lax.cond(take, second_pass, skip)
+            return updates, self.no_eps(params)
+        if self.static_rho is not None:
+            return self.second_pass(direction, updates, params, grad_fn, rho)
+        return jax.lax.cond(
+            jnp.asarray(rho) > 0,
+            lambda: self.second_pass(direction, updates, params, grad_fn, rho),
+            lambda: (updates, self.no_eps(params)),
+        )
 
     def rescale(self, out, mean_grads, params, eps):
         """StableSAM's renormalization of the output (a no-op unless `stable`)."""
@@ -379,12 +382,15 @@ def gsam(
         g_wide = _to_wide(g)
         # Where rho is 0 at run time g_p = g and the output is g exactly.
         weight = alpha if ascent.static_rho is not None else jnp.where(rho_now > 0, alpha, 0.0)
+        weight = jnp.asarray(weight, jnp.float32)
         if minimize_perturbed:
-            residual = _orthogonal_part(g_wide, _normalized(g_p))
-            out = _axpy(-jnp.asarray(weight, jnp.float32), residual, g_p)
+            # g_p - alpha (g - c g_p) with c = <g, g_p> / ||g_p||^2.
+            c = _projection_coefficient(g_wide, g_p)
+            out = _axpby(1 + weight * c, g_p, -weight, g_wide)
         else:
-            residual = _orthogonal_part(g_p, _normalized(g_wide))
-            out = _axpy(jnp.asarray(weight, jnp.float32), residual, g_wide)
+            # g + alpha (g_p - c g) with c = <g_p, g> / ||g||^2.
+            c = _projection_coefficient(g_p, g_wide)
+            out = _axpby(1 - weight * c, g_wide, weight, g_p)
         out = ascent.rescale(_cast_like(out, updates), g, params, eps)
         return out, new_state
 
@@ -573,24 +579,40 @@ def looksam(
         if ascent.static_rho == 0:
             return g, LookSAMState(count=count, g_v=state.g_v)
         sam_step = state.count % jnp.asarray(k, state.count.dtype) == 0
-        g_s, eps = ascent.perturbed_gradient(
-            g if sync_ascent else updates, updates, params, grad_fn, rho_now, when=sam_step
-        )
-        g_s = _to_wide(ascent.average(g_s))
         g_wide = _to_wide(g)
-        # A SAM step: store g_v (0 where rho is 0 at run time: g_s is then g itself) ...
-        g_v_new = _orthogonal_part(g_s, _normalized(g_wide))
+
+        # Each kind of step computes only its own quantities, inside its branch.
+        def sam_branch():
+            g_s, eps = ascent.second_pass(
+                g if sync_ascent else updates, updates, params, grad_fn, rho_now
+            )
+            g_s = _to_wide(ascent.average(g_s))
+            c = _projection_coefficient(g_s, g_wide)  # g_v = g_s - <g_s, n(g)> n(g)
+            g_v = jax.tree.map(
+                lambda x, y, old: (x - c.astype(x.dtype) * y).astype(old.dtype),
+                g_s,
+                g_wide,
+                state.g_v,
+            )
+            return _cast_like(g_s, updates), g_v, eps
+
+        def reuse_branch():
+            scale = jnp.asarray(alpha, jnp.float32) * _safe_divide(
+                _l2_norm(g_wide), _l2_norm(state.g_v)
+            )
+            out = _axpy(scale, state.g_v, g_wide)
+            return _cast_like(out, updates), state.g_v, ascent.no_eps(params)
+
+        def no_ascent_branch():  # a SAM step whose rho is 0: output g, store g_v = 0
+            return g, jax.tree.map(jnp.zeros_like, state.g_v), ascent.no_eps(params)
+
         if ascent.static_rho is None:
-            keep = jnp.asarray(rho_now) > 0
-            g_v_new = jax.tree.map(lambda v: jnp.where(keep, v, 0), g_v_new)
-        # ... another step: reuse it.
-        scale = _safe_divide(_l2_norm(g_wide), _l2_norm(state.g_v))
-        reused = _axpy(jnp.asarray(alpha, jnp.float32) * scale, state.g_v, g_wide)
-        out = jax.tree.map(lambda a, b: jnp.where(sam_step, a, b), g_s, reused)
-        g_v = jax.tree.map(
-            lambda new, old: jnp.where(sam_step, new.astype(old.dtype), old), g_v_new, state.g_v
-        )
-        out = ascent.rescale(_cast_like(out, updates), g, params, eps)
+            index = jnp.where(sam_step, jnp.where(jnp.asarray(rho_now) > 0, 0, 2), 1)
+            branches = (sam_branch, reuse_branch, no_ascent_branch)
+            out, g_v, eps = jax.lax.switch(index, branches)
+        else:
+            out, g_v, eps = jax.lax.cond(sam_step, sam_branch, reuse_branch)
+        out = ascent.rescale(out, g, params, eps)
         return out, LookSAMState(count=count, g_v=g_v)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
