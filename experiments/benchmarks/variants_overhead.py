@@ -27,9 +27,10 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +40,30 @@ from experiments import models
 from experiments.benchmarks import common
 
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "benchmarks")
+
+
+class MLP(nn.Module):
+    """A ReLU MLP on the flattened image: no convolution (see the module docstring)."""
+
+    num_classes: int = 10
+    features: Sequence[int] = (1024, 1024)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        del train
+        x = x.reshape((x.shape[0], -1))
+        for width in self.features:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def init_model(name: str, model_kwargs: Mapping[str, Any], seed: int) -> tuple[Any, Any]:
+    """`name` is "mlp" or a model of experiments.models; returns the model and its variables."""
+    if name == "mlp":
+        model = MLP(**model_kwargs)
+        variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *common.CIFAR_SHAPE)))
+        return model, dict(variables)
+    return common.init_model(name, model_kwargs=model_kwargs, seed=seed)
 
 
 def variant_transforms(rho: float, k: int) -> dict[str, tuple[Callable[[], Any], bool]]:
@@ -156,9 +181,13 @@ def rows_from(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="small_cnn", help="A model of experiments.models.")
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        help="mlp (no convolution, see above) or a model of experiments.models.",
+    )
     parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"features\": [16, 32]}'.")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--k", type=int, default=5, help="LookSAM's k and the SAM-every-k period.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed rounds first.")
@@ -181,11 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_size, args.rounds, args.warmup = 8, 3, 1
     if args.k < 1:
         parser.error("--k must be >= 1")
-    if args.model not in models.MODELS:
-        parser.error(f"--model must be one of {sorted(models.MODELS)}")
+    if args.model != "mlp" and args.model not in models.MODELS:
+        parser.error(f"--model must be mlp or one of {sorted(models.MODELS)}")
 
     model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model, variables = common.init_model(args.model, model_kwargs=model_kwargs, seed=args.seed)
+    model, variables = init_model(args.model, model_kwargs, args.seed)
     images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
     images, labels = jnp.asarray(images), jnp.asarray(labels)
 
