@@ -1,7 +1,7 @@
 """Step time of the SAM variants, as ratios to SGD and to SAM, in one interleaved run.
 
-    python -m experiments.benchmarks.variants_overhead                     # small CNN, CPU
-    python -m experiments.benchmarks.variants_overhead --model resnet18 --batch-size 256
+    python -m experiments.benchmarks.variants_overhead                     # MLP, CPU, ~2 min
+    python -m experiments.benchmarks.variants_overhead --model resnet18 --batch-size 256  # GPU
     python -m experiments.benchmarks.variants_overhead --quick             # smoke run, seconds
 
 Configurations, each ``chain(<variant>, sgd(0.1, momentum=0.9))`` on the same model, batch and
@@ -18,7 +18,15 @@ LookSAM's and the schedule's steps alternate between one and two passes, so ever
 is a cycle of K consecutive steps (one SAM step in each), for every configuration alike: the
 medians are of cycles, and the per-step times are the cycle times divided by K. The
 configurations run round-robin, in a fresh random order each round, after warm-up rounds
-(``experiments.benchmarks.common.interleave``).
+(``experiments.benchmarks.common.interleave``). The optimizer updates are also timed alone, to
+separate each variant's own arithmetic from the passes.
+
+The default model is an MLP (3072-1024-1024-10) because of a known XLA:CPU problem
+(jax-ml/jax#12868): convolutions inside a ``lax.cond`` (or ``while``) branch run through a much
+slower code path than the same convolutions outside it. With a convolutional model on a CPU, a
+second pass behind LookSAM's or a rho schedule's ``lax.cond`` therefore costs many times a
+normal pass (about 20x for ``small_cnn`` at batch 64 on a 2-core machine), and those rows do not
+show the pass count. GPUs do not have this problem: use ``--model`` with a zoo model there.
 """
 
 from __future__ import annotations
@@ -94,6 +102,12 @@ def expected_vs_sam(name: str, k: int) -> float:
     return 1.0
 
 
+def make_tx(factory: Callable[[], Any]) -> optax.GradientTransformation:
+    """The variant in front of the base optimizer (SGD with momentum 0.9)."""
+    front, base = factory(), optax.sgd(0.1, momentum=0.9)
+    return base if front is None else optax.chain(front, base)
+
+
 def make_step(model: Any, tx: optax.GradientTransformation, *, is_sam: bool) -> Callable:
     """One training step: (params, batch_stats, opt_state), images, labels -> new state, loss."""
 
@@ -149,15 +163,54 @@ class Cycle:
         return common.Bench(self.name, run)
 
 
+class UpdateCycle:
+    """The optimizer update alone (no forward-backward pass), `k` steps per timed sample.
+
+    `grad_fn` is replaced by a cheap gradient that depends on the perturbed weights,
+    g + 1e-3 w, so that the ascent is computed but the second pass costs one elementwise op:
+    what remains is each variant's own arithmetic (norms, inner products, buffers) and its
+    control flow, free of the forward-backward passes and of most of their noise.
+    """
+
+    def __init__(self, name, tx, params, *, is_sam, k):
+        self.name, self.k = name, k
+
+        def update(params, opt_state, grads):
+            if is_sam:
+                grad_fn = lambda p: jax.tree.map(lambda g, w: g + 1e-3 * w, grads, p)  # noqa: E731
+                updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+            else:
+                updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        self.params = jax.tree.map(jnp.copy, params)
+        self.opt_state = tx.init(self.params)
+        self.grads = jax.tree.map(lambda w: 1e-3 + 1e-2 * w, params)
+        jitted = jax.jit(update, donate_argnums=(0, 1))
+        self.compiled, _ = common.compile_timed(jitted, self.params, self.opt_state, self.grads)
+
+    def bench(self) -> common.Bench:
+        def run():
+            for _ in range(self.k):
+                self.params, self.opt_state = self.compiled(self.params, self.opt_state, self.grads)
+            return self.params
+
+        return common.Bench(self.name, run)
+
+
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
 def rows_from(
-    stats: Mapping[str, Mapping[str, float]], cycles: Mapping[str, Cycle], args: argparse.Namespace
+    stats: Mapping[str, Mapping[str, float]],
+    update_stats: Mapping[str, Mapping[str, float]],
+    cycles: Mapping[str, Cycle],
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     rows = []
     for name, s in stats.items():
+        update_ms = update_stats[name]["median_ms"] / args.k
         rows.append(
             {
                 "model": args.model,
@@ -169,6 +222,11 @@ def rows_from(
                 "expected_vs_sam": expected_vs_sam(name, args.k),
                 "cpu_vs_sgd": ratio(s["cpu_median_ms"], stats["sgd"]["cpu_median_ms"]),
                 "cpu_vs_sam": ratio(s["cpu_median_ms"], stats["sam"]["cpu_median_ms"]),
+                "update_alone_ms": update_ms,
+                "update_extra_vs_sam": ratio(
+                    update_ms - update_stats["sam"]["median_ms"] / args.k,
+                    stats["sam"]["median_ms"] / args.k,
+                ),
                 "cycles": s["n"],
                 "cycle_median_ms": s["median_ms"],
                 "cycle_p25_ms": s["p25_ms"],
@@ -195,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-minutes", type=float, default=None, help="Stop timing after this many minutes."
     )
+    parser.add_argument(
+        "--update-rounds", type=int, default=30, help="Rounds of the updates timed alone."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output-dir",
@@ -207,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.model_kwargs = "small_cnn", '{"features": [8, 16]}'
-        args.batch_size, args.rounds, args.warmup = 8, 3, 1
+        args.batch_size, args.rounds, args.warmup, args.update_rounds = 8, 3, 1, 3
     if args.k < 1:
         parser.error("--k must be >= 1")
     if args.model != "mlp" and args.model not in models.MODELS:
@@ -221,11 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     loads = {"start": common.load_average()}
     cycles = {}
     for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items():
-        front = factory()
-        base = optax.sgd(0.1, momentum=0.9)
-        tx = base if front is None else optax.chain(front, base)
         cycles[name] = Cycle(
-            name, model, variables, tx, is_sam=is_sam, images=images, labels=labels, k=args.k
+            name,
+            model,
+            variables,
+            make_tx(factory),
+            is_sam=is_sam,
+            images=images,
+            labels=labels,
+            k=args.k,
         )
         print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
     loads["compiled"] = common.load_average()
@@ -237,9 +302,24 @@ def main(argv: list[str] | None = None) -> None:
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
         seed=args.seed,
     )
-    loads["end"] = common.load_average()
+    loads["steps timed"] = common.load_average()
     stats = {name: common.summarize(values) for name, values in samples.items()}
-    rows = rows_from(stats, cycles, args)
+
+    print(f"Optimizer updates alone ({args.update_rounds} rounds)", flush=True)
+    updates = [
+        UpdateCycle(name, make_tx(factory), variables["params"], is_sam=is_sam, k=args.k)
+        for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
+    ]
+    update_samples = common.interleave(
+        [u.bench() for u in updates],
+        warmup=2,
+        rounds=args.update_rounds,
+        seed=args.seed,
+        log=lambda _: None,
+    )
+    update_stats = {name: common.summarize(values) for name, values in update_samples.items()}
+    loads["end"] = common.load_average()
+    rows = rows_from(stats, update_stats, cycles, args)
 
     notes = [
         f"Each sample is a cycle of k = {args.k} consecutive steps of one configuration (one "
@@ -251,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         "Base optimizer: SGD with momentum 0.9; rho "
         f"{args.rho}; GSAM alpha 0.1; LookSAM alpha 0.7; Friendly SAM sigma 1, lmbda 0.9; "
         "VaSSO theta 0.9. Synthetic CIFAR-shaped uint8 batch.",
+        "update_alone_ms: the optimizer update alone per step (the second pass replaced by one "
+        "elementwise op), timed in a separate interleaved run; update_extra_vs_sam: its excess "
+        "over SAM's update as a share of a SAM step, i.e. what the variant's own arithmetic adds "
+        "to vs_sam beyond the pass count.",
     ]
     columns = [
         "model",
@@ -262,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         "expected_vs_sam",
         "cpu_vs_sgd",
         "cpu_vs_sam",
+        "update_alone_ms",
+        "update_extra_vs_sam",
         "cycles",
         "cycle_p25_ms",
         "cycle_p75_ms",
