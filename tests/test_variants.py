@@ -443,6 +443,31 @@ class SkippedPassTest(chex.TestCase):
         tx = optax.inject_hyperparams(sam_optax.looksam)(rho=0.1, k=4)
         self.assertEqual(self.run_counted(tx, 9), 3)  # steps 0, 4, 8
 
+    def test_injected_k_can_change(self):
+        """inject_hyperparams makes the int k an int32 array of the state, which can be set."""
+        calls = []
+        batch = mlp_batch(jax.random.key(1))
+        tx = optax.inject_hyperparams(sam_optax.looksam)(rho=0.1, k=4)
+        params = mlp_params(jax.random.key(0))
+        state = tx.init(params)
+        self.assertEqual(state.hyperparams["k"].dtype, jnp.int32)
+        grad_fn = counting_grad_fn(calls, batch)
+        step = jax.jit(functools.partial(tx.update, grad_fn=grad_fn))
+        g = jax.grad(lambda q: mlp_loss(q, batch))(params)
+        for t in range(9):
+            if t == 4:
+                state.hyperparams["k"] = jnp.asarray(2, jnp.int32)
+            out, state = step(g, state, params)
+            jax.block_until_ready(out)
+        self.assertEqual(len(calls), 4)  # steps 0 (k = 4), then 4, 6, 8 (k = 2)
+
+    def test_injected_bool_stays_static(self):
+        state = optax.inject_hyperparams(sam_optax.gsam)(minimize_perturbed=False).init(
+            {"w": jnp.ones(3)}
+        )
+        self.assertNotIn("minimize_perturbed", state.hyperparams)
+        self.assertIn("alpha", state.hyperparams)
+
     def test_sam_every_k_steps_schedule(self):
         every_3 = lambda t: jnp.where(t % 3 == 0, 0.1, 0.0)  # noqa: E731
         self.assertEqual(self.run_counted(sam_optax.sam(every_3), 10), 4)  # 0, 3, 6, 9
