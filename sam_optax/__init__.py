@@ -14,6 +14,17 @@ from sam_optax._sam import (
     stable_sam,
     usam,
 )
+from sam_optax._variants import (
+    FriendlySAMState,
+    GSAMState,
+    LookSAMState,
+    VaSSOState,
+    friendly_sam,
+    gsam,
+    gsam_rho_schedule,
+    looksam,
+    vasso,
+)
 
 __version__ = "0.1.0"
 
@@ -26,4 +37,13 @@ __all__ = [
     "sam",
     "stable_sam",
     "usam",
+    "FriendlySAMState",
+    "GSAMState",
+    "LookSAMState",
+    "VaSSOState",
+    "friendly_sam",
+    "gsam",
+    "gsam_rho_schedule",
+    "looksam",
+    "vasso",
 ]

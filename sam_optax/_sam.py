@@ -157,6 +157,60 @@ def _cast_like(tree, reference):
 
 
 # --------------------------------------------------------------------------------------------
+# StableSAM's renormalization (shared with the variants of _variants.py).
+# --------------------------------------------------------------------------------------------
+
+STABLE_NORMS = ("plain", "adaptive")
+
+
+def _check_stable_args(stable, stable_max_scale, stable_norm, call: str = "sam") -> None:
+    if stable_norm not in STABLE_NORMS:
+        raise ValueError(
+            f"stable_norm must be one of {STABLE_NORMS}, got {stable_norm!r}; e.g. "
+            f"{call}(rho, stable=True, stable_norm='adaptive')."
+        )
+    if stable_max_scale is not None:
+        cap = _concrete_float(stable_max_scale)
+        if cap is not None and not cap > 0:
+            raise ValueError(
+                "stable_max_scale caps StableSAM's factor ||g|| / ||g_SAM|| and must be > 0 "
+                f"(1.0 is the official code's truncation), got {stable_max_scale!r}."
+            )
+    if not stable and (stable_max_scale is not None or stable_norm != "plain"):
+        raise ValueError(
+            "stable_max_scale and stable_norm set StableSAM's renormalization; pass "
+            f"stable=True too, e.g. {call}(rho, stable=True, stable_max_scale=1.0)."
+        )
+
+
+def _typed_eps(eps, axis_name):
+    """eps in float32, typed as varying over `axis_name` (both branches of a cond agree)."""
+    eps = _to_f32(eps)
+    return eps if axis_name is None else per_device(eps, axis_name)
+
+
+def _stable_rescale(g_out, g, params, eps, *, max_scale, norm: str):
+    """StableSAM: g_out * min(max_scale, N(g) / N'(g_out)), computed in float32.
+
+    N = N' = the L2 norm for norm="plain"; for "adaptive", N(v) = ||(|w|) v|| and
+    N'(v) = ||(|w + eps|) v||, the norms of the official code's adaptive variants.
+    """
+    if norm == "adaptive":
+        scale_w = jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)), params)
+        scale_p = jax.tree.map(lambda w, e: jnp.abs(w.astype(jnp.float32) + e), params, eps)
+        numerator = _l2_norm(jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale_w, g))
+        denominator = _l2_norm(
+            jax.tree.map(lambda t, x: t * x.astype(jnp.float32), scale_p, g_out)
+        )
+    else:
+        numerator, denominator = _l2_norm(g), _l2_norm(g_out)
+    scale = _safe_divide(numerator, denominator)
+    if max_scale is not None:
+        scale = jnp.minimum(scale, jnp.asarray(max_scale, jnp.float32))
+    return jax.tree.map(lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), g_out)
+
+
+# --------------------------------------------------------------------------------------------
 # Data parallelism. Inside `jax.shard_map` (check_vma=True) JAX types each value as varying or
 # not over the mesh axes, and `jax.grad` with respect to a replicated (non-varying) value sums
 # the gradient over the devices. The ascent needs each device's own gradient, so the perturbed
@@ -325,6 +379,8 @@ def sam(
     axis_name: AxisName | None = None,
     sync_ascent: bool = False,
     perturb_mask: PerturbMask = None,
+    stable_max_scale: float | jax.Array | None = None,
+    stable_norm: str = "plain",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-aware minimization: replaces the gradient by the gradient at an ascent point.
 
@@ -361,7 +417,7 @@ def sam(
       normalize: normalize the ascent direction (SAM). False gives unnormalized SAM (USAM),
         eps = rho T^2 g, which the StableSAM paper calls "SAM".
       stable: renormalize the output to the norm of the exact gradient (StableSAM, Tan et al.
-        2025). Plain L2 norms, also when `adaptive`.
+        2025). Plain L2 norms, also when `adaptive`, unless `stable_norm` says otherwise.
       ascent_norm: p of the L-p ball of the ascent, > 1: 2 (default) for SAM, float('inf') for a
         sign (FGSM-style) ascent.
       ascent_steps: number of ascent steps, >= 1.
@@ -376,6 +432,15 @@ def sam(
         marks the parameters to perturb; the others keep eps = 0 and stay out of the ascent's norms
         (e.g. ASAM's official code perturbs only kernels and norm scales). The output still covers
         every parameter.
+      stable_max_scale: with `stable`, caps the factor: g_SAM * min(stable_max_scale,
+        ||g|| / ||g_SAM||). 1.0 never scales the SAM gradient up (the truncation the official
+        StableSAM code keeps as a commented-out line). Defaults to None (no cap).
+      stable_norm: with `stable`, the norms of the factor. "plain" (default, the paper's
+        formula): L2 norms. "adaptive" (the official code's adaptive variants):
+        ||(|w|) g|| / ||(|w + eps|) g_SAM||, elementwise weighted by the absolute weights, the
+        second at the perturbed weights; with `axis_name`, eps is averaged over the axis. The
+        official code's stable ASAM exactly (its T is |w|, i.e. eta = 0):
+        ``sam(rho, adaptive=True, eta=0.0, stable=True, stable_norm="adaptive")``.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params, *,
@@ -398,6 +463,7 @@ def sam(
       Training <https://openreview.net/forum?id=aD2uwhLbnA>`_, ICLR 2025 (rho schedules).
     """
     _check_args(rho, eta, ascent_norm, ascent_steps)
+    _check_stable_args(stable, stable_max_scale, stable_norm)
     if sync_ascent and axis_name is None:
         raise ValueError(
             "sync_ascent=True averages gradients over `axis_name`; pass axis_name too."
@@ -443,7 +509,7 @@ def sam(
             return mean_grads, new_state
 
         def sam_gradient():
-            _, g_perturbed = _ascend(
+            eps, g_perturbed = _ascend(
                 mean_grads if sync_ascent else updates,
                 params,
                 grad_fn,
@@ -457,19 +523,24 @@ def sam(
                 reduce_grads=average if sync_ascent else (lambda g: g),
                 axis_name=axis_name,
             )
-            return g_perturbed
+            return g_perturbed, _typed_eps(eps, axis_name)  # for stable_norm="adaptive"
 
         if static_rho is None:
             # The rho = 0 branch returns the local gradient, so that the one all-reduce below
             # serves both branches.
-            g_sam = jax.lax.cond(jnp.asarray(rho_now) > 0, sam_gradient, lambda: updates)
+            no_eps = _typed_eps(jax.tree.map(jnp.zeros_like, params), axis_name)
+            g_sam, eps = jax.lax.cond(
+                jnp.asarray(rho_now) > 0, sam_gradient, lambda: (updates, no_eps)
+            )
         else:
-            g_sam = sam_gradient()
+            g_sam, eps = sam_gradient()
         g_sam = average(g_sam)
 
         if stable:
-            scale = _safe_divide(_l2_norm(mean_grads), _l2_norm(g_sam))
-            g_sam = jax.tree.map(lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), g_sam)
+            eps = average(eps) if stable_norm == "adaptive" else None
+            g_sam = _stable_rescale(
+                g_sam, mean_grads, params, eps, max_scale=stable_max_scale, norm=stable_norm
+            )
         return g_sam, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
