@@ -130,6 +130,14 @@ class TrainConfig:
         2.0, "p of the L-p ball of the ascent (2 for SAM; inf for a sign ascent)."
     )
     ascent_steps: int = _field(1, "Number of ascent steps (radius rho / steps each).")
+    gsam_alpha: float = _field(0.1, "GSAM's alpha (0 gives SAM).")
+    looksam_k: int = _field(5, "LookSAM: a SAM step every k steps (1 gives SAM).")
+    looksam_alpha: float = _field(0.7, "LookSAM's alpha, the weight of the reused direction.")
+    fsam_sigma: float = _field(1.0, "Friendly SAM's sigma (0 gives SAM).")
+    fsam_lambda: float = _field(
+        0.9, "Friendly SAM's lambda, the EMA decay of the gradient (its training script: 0.95)."
+    )
+    vasso_theta: float = _field(0.9, "VaSSO's theta, the EMA weight of the new gradient (1: SAM).")
     sync_ascent: bool = _field(
         False,
         "Average the ascent gradient over all devices (global-batch SAM). Default: each device "
@@ -298,6 +306,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
         )
     if config.ascent_steps < 1:
         errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
+    if config.looksam_k < 1:
+        errors.append(f"--looksam-k must be >= 1 (1 gives SAM), got {config.looksam_k}.")
+    for flag, value, low, high in (
+        ("--gsam-alpha", config.gsam_alpha, 0.0, math.inf),
+        ("--looksam-alpha", config.looksam_alpha, 0.0, math.inf),
+        ("--fsam-sigma", config.fsam_sigma, 0.0, math.inf),
+        ("--fsam-lambda", config.fsam_lambda, 0.0, 1.0),
+        ("--vasso-theta", config.vasso_theta, 0.0, 1.0),
+    ):
+        if not (math.isfinite(value) and low <= value <= high):
+            errors.append(f"{flag} must be a finite number in [{low:g}, {high:g}], got {value}.")
     if not config.ascent_norm > 1:
         errors.append(f"--ascent-norm must be > 1 (2 for SAM, inf), got {config.ascent_norm}.")
     if not 0 <= config.label_smoothing < 1:
