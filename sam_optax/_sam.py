@@ -322,10 +322,13 @@ def _describe(tree, max_leaves: int = 4) -> str:
     return f"a {type(tree).__name__} {{{shown}{more}}}"
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, numbers.Number)) or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and not hasattr(x, "get_value")
-    )
+def _is_variable(x) -> bool:
+    """A flax.nnx Variable (a pytree node holding an array), recognized without importing flax."""
+    return type(x).__module__.startswith("flax.") and hasattr(x, "get_value")
+
+
+def _has_variables(tree) -> bool:
+    return any(map(_is_variable, jax.tree.leaves(tree, is_leaf=_is_variable)))
 
 
 def _check_grad_fn_output(out, like) -> None:
@@ -347,10 +350,11 @@ def _check_grad_fn_output(out, like) -> None:
                 )
         elif got.num_leaves == 1 and expected.num_leaves != 1:
             hint = " A single array: return the gradient pytree, not the loss."
-        if not hint and not all(map(_is_array, jax.tree.leaves(out) + jax.tree.leaves(like))):
+        if not hint and (_has_variables(out) or _has_variables(like)):
             hint = (
-                " Leaves that are not arrays (e.g. flax.nnx Variables): return pure arrays; with "
-                "flax.nnx, build it with sam_optax.nnx.grad_fn(loss_fn, model, *batch)."
+                " It holds flax.nnx Variables: nnx.Optimizer passes pure arrays (nnx.as_pure) and "
+                "grad_fn must return them too; build it with "
+                "sam_optax.nnx.grad_fn(loss_fn, model, *batch)."
             )
         raise TypeError(
             "grad_fn must return the gradient at the params it is given, a pytree with the "
