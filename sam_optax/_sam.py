@@ -169,8 +169,24 @@ def _resolve_mask(perturb_mask: PerturbMask, params):
     if perturb_mask is None:
         return None
     mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
+    if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
+        raise TypeError(
+            "perturb_mask must hold Python booleans (it decides the program's shape), got traced "
+            "values. With optax.inject_hyperparams, list it in static_args, e.g. "
+            "optax.inject_hyperparams(sam_optax.sam, static_args=('perturb_mask',))(rho=0.05, "
+            "perturb_mask=mask)."
+        )
     # Broadcast a prefix pytree of booleans to one boolean per leaf of params.
-    return jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), mask, params)
+    mask = jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), mask, params)
+    if jax.tree.leaves(params) and not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"perturb_mask marks no parameter (it resolved to {perturb_mask!r} for every leaf), so "
+            "the ascent would do nothing. With optax.inject_hyperparams, a function perturb_mask "
+            "is taken for a schedule: list it in static_args, e.g. "
+            "optax.inject_hyperparams(sam_optax.sam, static_args=('perturb_mask',))(rho=0.05, "
+            "perturb_mask=fn)."
+        )
+    return mask
 
 
 def _apply_mask(tree, mask):

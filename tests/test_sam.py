@@ -549,6 +549,19 @@ class ArgumentTest(chex.TestCase):
         )
         tx.init({"w": jnp.ones(3)})
 
+    def test_perturb_mask_under_inject_hyperparams(self):
+        params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+        kernels = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)  # noqa: E731
+        tx = optax.inject_hyperparams(sam_optax.sam)(rho=0.1, perturb_mask=kernels)
+        with self.assertRaisesRegex(ValueError, r"static_args=\('perturb_mask',\)"):
+            run_update(tx, params, params, lambda p: p)
+        tx = optax.inject_hyperparams(sam_optax.sam, static_args=("perturb_mask",))(
+            rho=0.1, perturb_mask=kernels
+        )
+        out, _ = run_update(tx, params, params, lambda p: p)
+        chex.assert_trees_all_close(out["b"], params["b"])  # b is not perturbed
+        self.assertFalse(np.allclose(out["w"], params["w"]))
+
     def test_shortcuts_check_too(self):
         with self.assertRaisesRegex(ValueError, "rho"):
             sam_optax.asam(rho=-1.0)
@@ -949,6 +962,25 @@ class AccumulationTest(chex.TestCase):
         chex.assert_trees_all_equal_dtypes(out, params)
         grad_fn = sam_optax.accumulate_grad_fn(self.batch_grad_fn, self.micro_batches)
         chex.assert_trees_all_equal_dtypes(grad_fn(params), params)
+
+    def test_multi_steps_is_neither_meaning(self):
+        """What optax.MultiSteps around sam computes (documented in the README): the ascent from
+        the mean gradient of the k micro-batches, the SAM gradient of the last micro-batch only."""
+        rho, lr = 0.1, 0.1
+        tx = optax.MultiSteps(optax.chain(sam_optax.sam(rho), optax.sgd(lr)), self.k)
+        state = tx.init(self.params)
+        grad_fns = [
+            functools.partial(
+                lambda p, b: self.batch_grad_fn(p, b), b=jax.tree.map(lambda x, i=i: x[i], mb)
+            )
+            for i, mb in enumerate([self.micro_batches] * self.k)
+        ]
+        for grad_fn in grad_fns:
+            updates, state = tx.update(grad_fn(self.params), state, self.params, grad_fn=grad_fn)
+        mean_g = sam_optax.accumulate_grad_fn(self.batch_grad_fn, self.micro_batches)(self.params)
+        eps = optax.tree.scale(rho / optax.tree.norm(mean_g), mean_g)
+        last = grad_fns[-1](jax.tree.map(jnp.add, self.params, eps))
+        chex.assert_trees_all_close(updates, optax.tree.scale(-lr, last), atol=1e-6)
 
     def test_memory_grows_with_the_micro_batch_not_with_k(self):
         """The compiled step's temporaries: constant in k (scan), growing with k under vmap."""
