@@ -33,8 +33,6 @@ __all__ = [
     "SAMState",
     "accumulate_grad_fn",
     "asam",
-    "linen",
-    "nnx",
     "per_device",
     "perturbation",
     "sharpness",
@@ -43,7 +41,9 @@ __all__ = [
     "usam",
 ]
 
-_LAZY_SUBMODULES = ("linen", "nnx")  # they import Flax
+# `sam_optax.nnx` and `sam_optax.linen` import Flax, on first access (not in __all__, so that
+# `from sam_optax import *` needs no Flax either).
+_LAZY_SUBMODULES = ("linen", "nnx")
 
 
 def __getattr__(name: str):

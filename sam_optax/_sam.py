@@ -581,10 +581,10 @@ def sam(
     StableSAM rescale are computed in the promoted dtype of the parameters and float32 (float32
     for bfloat16 parameters, float64 for float64 ones). Zero gradients give zeros, never NaN; a
     non-finite element in g or in any gradient the ascent evaluates makes the whole output NaN
-    (so `optax.apply_if_finite` sees it). The output has the dtype of `updates`. Each step costs
-    one extra gradient evaluation (`grad_fn`), `ascent_steps` with a multi-step ascent, and none
-    on a step where rho is 0. `grad_fn`'s output is checked against `updates` (structure, shapes,
-    dtypes) when the step is traced.
+    (on a rho = 0 step the output is g itself), so `optax.apply_if_finite` sees it. The output
+    has the dtype of `updates`. Each step costs one extra gradient evaluation (`grad_fn`),
+    `ascent_steps` with a multi-step ascent, and none on a step where rho is 0. `grad_fn`'s
+    output is checked against `updates` (structure, shapes, dtypes) when the step is traced.
 
     Args:
       rho: radius of the ascent, >= 0, or an optax schedule of the step count (the number of
