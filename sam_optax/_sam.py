@@ -6,6 +6,8 @@ import functools
 import inspect
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -525,6 +527,28 @@ def perturbation(
 # --------------------------------------------------------------------------------------------
 
 
+def _inside_multi_steps() -> bool:
+    """Whether `optax.MultiSteps.update` is on the call stack (checked when the step traces)."""
+    code = getattr(getattr(getattr(optax, "MultiSteps", None), "update", None), "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_MULTI_STEPS_WARNING = (
+    "sam_optax.sam inside optax.MultiSteps: at every micro-batch the ascent starts from the "
+    "running mean of the gradients and evaluates that micro-batch's grad_fn, and only the last "
+    "call's result is kept, so the SAM gradient comes from the last micro-batch alone (neither SAM "
+    "on the whole batch nor per-micro-batch SAM) and k - 1 second passes are wasted. Inside one "
+    "step, use grad_fn=sam_optax.accumulate_grad_fn(per_batch_grad_fn, micro_batches) (the ascent "
+    "from the mean gradient) or tx.update(None, state, params, grad_fn=per_batch_grad_fn, "
+    "micro_batches=micro_batches) (one ascent per micro-batch)."
+)
+
+
 def _micro_batch_count(micro_batches) -> int:
     leaves = jax.tree.leaves(micro_batches)
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
@@ -697,6 +721,8 @@ def sam(
                 "sam_optax transformations need `params`: call tx.update(grads, state, "
                 "params, grad_fn=...)."
             )
+        if _inside_multi_steps():
+            warnings.warn(_MULTI_STEPS_WARNING, stacklevel=2)
         rho_now = rho_schedule(state.count) if rho_schedule is not None else rho
         new_state = SAMState(count=optax.safe_increment(state.count))
         mask = _resolve_mask(perturb_mask, params)

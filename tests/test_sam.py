@@ -976,7 +976,10 @@ class AccumulationTest(chex.TestCase):
             for i, mb in enumerate([self.micro_batches] * self.k)
         ]
         for grad_fn in grad_fns:
-            updates, state = tx.update(grad_fn(self.params), state, self.params, grad_fn=grad_fn)
+            with self.assertWarnsRegex(UserWarning, "accumulate_grad_fn"):
+                updates, state = tx.update(
+                    grad_fn(self.params), state, self.params, grad_fn=grad_fn
+                )
         mean_g = sam_optax.accumulate_grad_fn(self.batch_grad_fn, self.micro_batches)(self.params)
         eps = optax.tree.scale(rho / optax.tree.norm(mean_g), mean_g)
         last = grad_fns[-1](jax.tree.map(jnp.add, self.params, eps))
