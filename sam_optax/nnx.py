@@ -58,7 +58,10 @@ def grad_fn(
       **kwargs: keyword arguments of `loss_fn`.
 
     Returns:
-      ``grad_fn(params: nnx.State) -> nnx.State`` of pure arrays shaped like `params`.
+      ``grad_fn(params: nnx.State, *more_args) -> nnx.State`` of pure arrays shaped like
+      `params`; `more_args` follow `args` in the call of `loss_fn`, so that
+      ``sam_optax.accumulate_grad_fn(sam_optax.nnx.grad_fn(loss_fn, model), micro_batches)``
+      gives the mean gradient over micro-batches (``loss_fn(model, micro_batch)``).
 
     Example:
       >>> import jax.numpy as jnp, optax, sam_optax
@@ -82,12 +85,12 @@ def grad_fn(
     graphdef, _, rest = nnx.split(model, wrt, ...)
     rest = nnx.as_pure(rest)  # a snapshot: the first pass's updates do not reach it
 
-    def loss_at(params: nnx.State) -> Any:
+    def loss_at(params: nnx.State, *more_args: Any) -> Any:
         copy = nnx.merge(graphdef, params, rest)
-        return loss_fn(copy, *args, **kwargs)
+        return loss_fn(copy, *args, *more_args, **kwargs)
 
-    def gradient(params: nnx.State) -> nnx.State:
-        grads = jax.grad(loss_at, has_aux=has_aux)(nnx.as_pure(params))
+    def gradient(params: nnx.State, *more_args: Any) -> nnx.State:
+        grads = jax.grad(loss_at, has_aux=has_aux)(nnx.as_pure(params), *more_args)
         return grads[0] if has_aux else grads
 
     return gradient

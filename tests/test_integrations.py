@@ -128,6 +128,19 @@ class NNXTest(chex.TestCase):
         self.assertEqual(int(model.dropout.rngs.count[...]), 0)
         np.testing.assert_array_equal(model.bn.mean[...], 0.0)
 
+    def test_accumulation_with_nnx(self):
+        """accumulate_grad_fn over sam_optax.nnx.grad_fn = the whole batch's gradient (no
+        Dropout/BatchNorm difference: the model is in eval mode)."""
+        model = CNN(nnx.Rngs(params=0, dropout=1))
+        model.eval()
+        x, y = data(n=8)
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        micro_batches = (x.reshape(4, 2, *x.shape[1:]), y.reshape(4, 2))
+        per_batch = sam_optax.nnx.grad_fn(lambda m, batch: nnx_loss(m, *batch), model)
+        grad_fn = sam_optax.accumulate_grad_fn(per_batch, micro_batches)
+        whole = sam_optax.nnx.grad_fn(nnx_loss, model, x, y)
+        chex.assert_trees_all_close(grad_fn(params), whole(params), atol=1e-6)
+
     def test_a_grad_fn_returning_variables_is_explained(self):
         model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
         optimizer = nnx.Optimizer(
