@@ -13,7 +13,6 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,13 +24,16 @@ from sam_optax._sam import (
     GradFn,
     PerturbMask,
     _add,
+    _all_finite,
     _ascend,
     _cast_like,
     _check_args,
     _check_per_device_gradient,
     _check_stable_args,
     _concrete_float,
+    _evaluate_grad_fn,
     _l2_norm,
+    _nan_unless,
     _resolve_mask,
     _safe_divide,
     _stable_rescale,
@@ -47,14 +49,14 @@ from sam_optax._sam import (
 class GSAMState(NamedTuple):
     """State of :func:`gsam`: the number of `update` calls so far (drives rho schedules)."""
 
-    count: chex.Array
+    count: jax.Array
 
 
 class LookSAMState(NamedTuple):
     """State of :func:`looksam`: the step count and g_v, the component of the last SAM gradient
     orthogonal to the gradient (of the averaged gradients, with `axis_name`)."""
 
-    count: chex.Array
+    count: jax.Array
     g_v: optax.Updates
 
 
@@ -62,7 +64,7 @@ class FriendlySAMState(NamedTuple):
     """State of :func:`friendly_sam`: the step count and m, the exponential moving average of
     the gradients (of the averaged gradients, with `axis_name`)."""
 
-    count: chex.Array
+    count: jax.Array
     m: optax.Updates
 
 
@@ -70,7 +72,7 @@ class VaSSOState(NamedTuple):
     """State of :func:`vasso`: the step count and d, the exponential moving average of the
     gradients that sets the ascent direction (of the averaged gradients, with `axis_name`)."""
 
-    count: chex.Array
+    count: jax.Array
     d: optax.Updates
 
 
@@ -81,7 +83,7 @@ class VaSSOState(NamedTuple):
 
 def _call_grad_fn(grad_fn: GradFn, perturbed: optax.Params, like: optax.Updates):
     """Every evaluation of `grad_fn` in this module goes through here (one place for checks)."""
-    return _cast_like(grad_fn(perturbed), like)
+    return _cast_like(_evaluate_grad_fn(grad_fn, perturbed, like), like)
 
 
 def _wide(dtype) -> jnp.dtype:
@@ -217,6 +219,9 @@ class _Ascent:
         if self.axis_name is not None:
             perturbed = per_device(perturbed, self.axis_name)
         g_p = _call_grad_fn(grad_fn, perturbed, updates)
+        # A non-finite gradient or direction must reach the output (the ascent's normalization
+        # would otherwise turn it into eps = 0 and hide it from optax.apply_if_finite).
+        g_p = _nan_unless(_all_finite((direction, updates, g_p)), g_p)
         return g_p, (_typed_eps(eps, self.axis_name) if self.needs_eps else None)
 
     def perturbed_gradient(self, direction, updates, params, grad_fn, rho):
@@ -452,7 +457,7 @@ def gsam_rho_schedule(
         )
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
-    def schedule(count: chex.Numeric) -> jax.Array:
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         if lr_max == lr_min:
             return jnp.asarray(rho_max, jnp.float32)
         lr = jnp.asarray(lr_fn(count), jnp.float32)
