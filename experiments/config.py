@@ -206,8 +206,21 @@ class TrainConfig:
     output_dir: str = _field(
         "", "Directory for config, metrics, checkpoints and summary. Default: runs/<name>."
     )
-    resume: bool = _field(False, "Continue the run in --output-dir from its last checkpoint.")
-    overwrite: bool = _field(False, "Delete whatever is in --output-dir and start afresh.")
+    resume: bool = _field(
+        False,
+        "Continue the run in --output-dir from its last intact checkpoint (a corrupt latest one "
+        "is skipped with a message).",
+    )
+    allow_device_change: bool = _field(
+        False,
+        "With --resume, accept a device count other than the run's: the per-device SAM ascent, "
+        "and so the numbers, change.",
+    )
+    overwrite: bool = _field(
+        False,
+        "Delete the earlier run in --output-dir (only a folder holding nothing but a run of this "
+        "program) and start afresh; deleted only once the new run's checks have passed.",
+    )
     keep_checkpoints: int = _field(2, "Number of most recent checkpoints to keep.")
     checkpoint_every: int = _field(1, "Save a checkpoint every N epochs (and at the end).")
     stop_after_epoch: int = _field(
@@ -253,6 +266,7 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
         "distributed",
         "eval_batch_size",
         "eval_every",
+        "allow_device_change",
     }
 )
 
@@ -283,7 +297,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if not config.output_dir:
         config = dataclasses.replace(config, output_dir=f"runs/{run_name(config)}")
 
-    errors = []
+    errors = _non_finite_floats(config)
     if config.epochs < 1:
         errors.append(f"--epochs must be >= 1, got {config.epochs}.")
     if config.batch_size < 1 or config.eval_batch_size < 1:
@@ -292,6 +306,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
     if config.rho < 0:
         errors.append(f"--rho must be >= 0, got {config.rho}.")
+    if config.eta < 0:
+        errors.append(f"--eta must be >= 0 (ASAM's T = |w| + eta), got {config.eta}.")
+    if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
+        errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
     if config.optimizer == variants.BASELINE:
         if config.sam_start_epoch:
             errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
@@ -355,6 +373,24 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if errors:
         raise ConfigError("Invalid training configuration:\n  " + "\n  ".join(errors))
     return config
+
+
+# Float flags that may be infinite (the L-inf ball of a sign ascent); every other float flag
+# must be finite.
+_MAY_BE_INFINITE = frozenset({"ascent_norm"})
+
+
+def _non_finite_floats(config: TrainConfig) -> list[str]:
+    """An error line per float flag that is NaN, or infinite where that means nothing."""
+    errors = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value) or f.name not in _MAY_BE_INFINITE:
+            flag = "--" + f.name.replace("_", "-")
+            errors.append(f"{flag} must be a finite number, got {value}.")
+    return errors
 
 
 def lr_milestones(config: TrainConfig) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -229,6 +230,14 @@ def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, 
 
 
 def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
+    """The data set of `config`; data that cannot be used is a ConfigError (a message)."""
+    try:
+        return _load_dataset(config)
+    except ValueError as e:  # a flag the data set cannot meet, unreadable or invalid files
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def _load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
     return input_pipeline.load_dataset(
         config.dataset,
         data_dir=config.data_dir,
@@ -319,29 +328,47 @@ def train_and_evaluate(
 
     Resolves `config` and starts the multi-host runtime when asked (both only here). Writes
     ``config.json``, the metrics files, orbax checkpoints and ``summary.json`` to
-    ``config.output_dir``. When the run stops early (``stop_after_epoch``), the returned dict has
-    ``completed: False`` and no ``summary.json`` is written. `dataset` skips loading (it must be
-    what ``config`` would load).
+    ``config.output_dir``, which it locks for the run. Nothing there is created or deleted
+    before the data has loaded and the model is built. When the run stops early
+    (``stop_after_epoch``), the returned dict has ``completed: False`` and no ``summary.json``
+    is written; when it diverges, the summary says ``diverged: True`` with an ``error``
+    message. `dataset` skips loading (it must be what ``config`` would load).
     """
     wall_start = time.perf_counter()
     config = config_lib.resolve(config)
     parallel.maybe_initialize_distributed(config.distributed)
-    run_dir.prepare_output_dir(config)
-    dataset = dataset if dataset is not None else load_dataset(config)
-    experiment = create_experiment(config, dataset)
-    run_dir.log(
-        f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
-        f"{config.optimizer} (rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
-        f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
-        f"{config.batch_size // experiment.num_devices} images per device per step"
+    with run_dir.OutputDir(config) as output_dir:
+        output_dir.check()
+        dataset = dataset if dataset is not None else load_dataset(config)
+        experiment = create_experiment(config, dataset)
+        output_dir.open(experiment.num_devices)  # every check passed: the first write
+        run_dir.log(
+            f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
+            f"{config.optimizer} "
+            f"(rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
+            f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
+            f"{config.batch_size // experiment.num_devices} images per device per step"
+        )
+        with run_dir.checkpoints(config) as manager:
+            return _train(experiment, manager, wall_start)
+
+
+def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
+    """Whether an epoch kept every loss and parameter finite. The row's loss is the mean of the
+    steps' losses, so it is finite only if each of them was; the parameters and BatchNorm
+    statistics are checked in one reduction on the devices."""
+    return math.isfinite(row["train_loss"]) and bool(
+        steps.all_finite((state.params, state.batch_stats))
     )
 
-    manager = run_dir.checkpoint_manager(config)
+
+def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str, Any]:
+    """The epochs of a run in its opened output directory; returns its summary."""
+    config = experiment.config
     state, start_epoch = run_dir.restore_latest(manager, config, experiment.state)
     log = run_dir.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    run_dir.write_config(config)
     step_fn, compile_time = experiment.train_step, 0.0
     if start_epoch < config.epochs:
         step_fn, compile_time = _compile_train_step(experiment, state, start_epoch)
@@ -349,9 +376,13 @@ def train_and_evaluate(
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
 
+    diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
             state, row, seconds = train_epoch(experiment, step_fn, state, epoch)
+            if not _is_finite(row, state):
+                diverged_epoch = epoch + 1  # neither logged nor checkpointed
+                break
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 row.update(_evaluation_row(experiment, state))
             row["epoch_time_s"] = seconds
@@ -361,12 +392,10 @@ def train_and_evaluate(
             run_dir.log(run_dir.epoch_line(row, config.epochs))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:
                 run_dir.save_checkpoint(manager, epoch + 1, state)
-        manager.wait_until_finished()
     finally:
-        manager.close()
         log.close()
 
-    if stop_epoch < config.epochs:
+    if stop_epoch < config.epochs and diverged_epoch is None:
         run_dir.log(
             f"Stopped after epoch {stop_epoch} (--stop-after-epoch). Continue with: "
             f"python -m experiments.train --output-dir {config.output_dir} --resume ..."
@@ -381,7 +410,11 @@ def train_and_evaluate(
         num_devices=experiment.num_devices,
         noisy_labels=experiment.noisy_labels,
         wall_time=time.perf_counter() - wall_start,
+        diverged_epoch=diverged_epoch,
     )
+    if diverged_epoch is not None:
+        summary["error"] = run_dir.divergence_message(config, diverged_epoch, manager.latest_step())
     run_dir.write_summary(config, summary)
-    run_dir.print_summary(summary)
+    if diverged_epoch is None:
+        run_dir.print_summary(summary)
     return summary

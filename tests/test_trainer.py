@@ -318,14 +318,16 @@ def test_refuses_to_reuse_a_non_empty_output_dir(tmp_path, dataset):
 
     # --resume refuses a run started with different numbers.
     (output_dir / run_dir.CONFIG_FILE).write_text(tiny_config(optimizer="sam").to_json())
+    resumed = tiny_config(output_dir=str(output_dir), optimizer="ssam", resume=True)
     with pytest.raises(ValueError, match="optimizer: saved 'sam', now 'ssam'"):
-        run_dir.prepare_output_dir(
-            tiny_config(output_dir=str(output_dir), optimizer="ssam", resume=True)
-        )
+        with run_dir.OutputDir(resumed) as out:
+            out.check()
 
-    # --overwrite empties the directory.
-    run_dir.prepare_output_dir(tiny_config(output_dir=str(output_dir), overwrite=True))
-    assert output_dir.is_dir() and not any(output_dir.iterdir())
+    # --overwrite deletes a run of this program only, not a folder holding other files.
+    with pytest.raises(ValueError, match="not a run of this program"):
+        with run_dir.OutputDir(tiny_config(output_dir=str(output_dir), overwrite=True)) as out:
+            out.check()
+    assert (output_dir / "something").exists() and not (output_dir / run_dir.LOCK_FILE).exists()
 
 
 def test_cli_reports_bad_configuration_without_traceback(tmp_path, capsys):
