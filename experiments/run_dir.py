@@ -116,6 +116,8 @@ class MetricsLog:
             with open(jsonl) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             self.rows = [r for r in rows if r.get("epoch", 0) <= keep_until_epoch]
+        # Every process reads the rows before the main process rewrites the file.
+        sync("metrics_log_read")
         if enabled:
             self._rewrite()
         self._tensorboard = None

@@ -325,7 +325,7 @@ def train_and_evaluate(
     """
     wall_start = time.perf_counter()
     config = config_lib.resolve(config)
-    parallel.maybe_initialize_distributed(config.distributed)
+    parallel.maybe_initialize_distributed(config)
     run_dir.prepare_output_dir(config)
     dataset = dataset if dataset is not None else load_dataset(config)
     experiment = create_experiment(config, dataset)
