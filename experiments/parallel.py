@@ -51,10 +51,11 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
     address = config.coordinator_address or None
     num_processes = config.num_processes or None
     process_id = config.process_id if config.process_id >= 0 else None
+    env_address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     where = (
-        f"coordinator {address or os.environ.get('JAX_COORDINATOR_ADDRESS') or '(detected)'}, "
-        f"{num_processes or '(detected)'} processes, process id "
-        f"{'(detected)' if process_id is None else process_id}"
+        f"coordinator address {address or env_address or 'not set'}, "
+        f"process count {num_processes or 'not set'}, "
+        f"process id {'not set' if process_id is None else process_id}"
     )
     try:
         jax.distributed.initialize(
@@ -62,7 +63,8 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(
-            f"--distributed: {e} ({where}). Pass --coordinator-address HOST:PORT "
+            f"--distributed: {e} ({where}; JAX detects unset values under Slurm or Open "
+            "MPI). Pass --coordinator-address HOST:PORT "
             "--num-processes N --process-id I (the same address and count on every process), "
             "or run under a cluster manager that JAX detects (Slurm, Open MPI)."
         ) from None
