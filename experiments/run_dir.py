@@ -59,6 +59,8 @@ def prepare_output_dir(config: TrainConfig) -> None:
             "continue that run from its last checkpoint, --overwrite to delete it and start "
             "afresh, or choose another --output-dir."
         )
+    # Every process has looked at the directory before the main process deletes it.
+    sync("output_dir_checked")
     if non_empty and config.overwrite and is_main_process():
         shutil.rmtree(path)
     if non_empty and config.resume:
