@@ -77,6 +77,10 @@ class Launch:
                     f"--num-processes={processes}",
                     f"--process-id={pid}",
                 ]
+            env = _env(devices)
+            # Process 0's coordinator listens on the loopback interface only (JAX's default is
+            # every interface).
+            env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
             log = log_dir / f"{name}.{pid}.log"
             self.logs.append(log)
             with open(log, "w") as out:
@@ -84,7 +88,7 @@ class Launch:
                     subprocess.Popen(
                         command,
                         cwd=ROOT,
-                        env=_env(devices),
+                        env=env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
                     )
