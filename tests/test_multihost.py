@@ -27,7 +27,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import run_dir
+from experiments import config as config_lib
+from experiments import parallel, run_dir
+from experiments.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -189,3 +191,33 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
     with open(multi_dir / run_dir.SUMMARY_FILE) as f:
         summary = json.load(f)
     assert summary["completed"] and summary["num_devices"] == 4
+
+
+def test_initialize_gets_the_flags_and_failures_are_messages(monkeypatch):
+    calls = []
+    monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    parallel.maybe_initialize_distributed(TrainConfig())  # a one-process run
+    assert calls == []
+
+    # Unset values go to JAX as None (it detects them); any multi-host flag turns it on.
+    parallel.maybe_initialize_distributed(TrainConfig(num_processes=4))
+    assert calls == [dict(coordinator_address=None, num_processes=4, process_id=None)]
+    parallel.maybe_initialize_distributed(TrainConfig(distributed=True))  # once only
+    monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
+    parallel.maybe_initialize_distributed(
+        TrainConfig(coordinator_address="node0:1234", num_processes=4, process_id=0)
+    )
+    assert calls[1:] == [dict(coordinator_address="node0:1234", num_processes=4, process_id=0)]
+
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(parallel, "_DISTRIBUTED_INITIALIZED", False)
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(config_lib.ConfigError, match="--coordinator-address HOST:PORT"):
+        parallel.maybe_initialize_distributed(TrainConfig(distributed=True))
+
+    with pytest.raises(config_lib.ConfigError, match="--process-id 2 must lie in"):
+        config_lib.resolve(TrainConfig(num_processes=2, process_id=2))
