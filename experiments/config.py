@@ -192,8 +192,8 @@ class TrainConfig:
     distributed: bool = _field(
         False,
         "Call jax.distributed.initialize() for a multi-host run (automatic when "
-        "JAX_COORDINATOR_ADDRESS is set or --coordinator-address is passed). Every process runs "
-        "the same command; unset addresses and ids are detected (Slurm, Open MPI, Kubernetes).",
+        "JAX_COORDINATOR_ADDRESS is set or any of the three flags below is given). Every host "
+        "runs the same command; values left unset are detected under Slurm or Open MPI.",
     )
     coordinator_address: str = _field(
         "",
