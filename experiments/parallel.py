@@ -39,7 +39,7 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
     environment asks for it. Must come before any other JAX call; later calls do nothing.
 
     Unset coordinator address, process count and id are left to JAX, which reads
-    ``JAX_COORDINATOR_ADDRESS`` and detects Slurm, Open MPI and Kubernetes jobs.
+    ``JAX_COORDINATOR_ADDRESS`` and detects Slurm and Open MPI jobs.
     """
     global _DISTRIBUTED_INITIALIZED
     if _DISTRIBUTED_INITIALIZED or not wants_distributed(config):
@@ -63,10 +63,9 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(
-            f"--distributed: {e} ({where}; JAX detects unset values under Slurm or Open "
-            "MPI). Pass --coordinator-address HOST:PORT "
+            f"--distributed: {e} ({where}). Pass --coordinator-address HOST:PORT "
             "--num-processes N --process-id I (the same address and count on every process), "
-            "or run under a cluster manager that JAX detects (Slurm, Open MPI)."
+            "or run under Slurm or Open MPI, where JAX detects them."
         ) from None
     except RuntimeError as e:
         # A coordinator that never answers, or a JAX backend already started.
