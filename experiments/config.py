@@ -200,7 +200,19 @@ class TrainConfig:
     distributed: bool = _field(
         False,
         "Call jax.distributed.initialize() for a multi-host run (automatic when "
-        "JAX_COORDINATOR_ADDRESS is set).",
+        "JAX_COORDINATOR_ADDRESS is set or any of the three flags below is given). Every host "
+        "runs the same command; values left unset are detected under Slurm or Open MPI.",
+    )
+    coordinator_address: str = _field(
+        "",
+        "host:port of process 0's coordinator in a multi-host run (default: "
+        "JAX_COORDINATOR_ADDRESS, or detected).",
+    )
+    num_processes: int = _field(
+        0, "Number of processes of a multi-host run (0: detected from the cluster environment)."
+    )
+    process_id: int = _field(
+        -1, "This process's index in [0, --num-processes) (-1: detected from the environment)."
     )
     # Output.
     output_dir: str = _field(
@@ -264,6 +276,9 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
         "progress",
         "log_every_steps",
         "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
         "eval_batch_size",
         "eval_every",
         "allow_device_change",
@@ -345,6 +360,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append("--keep-checkpoints must be >= 1.")
     if config.num_devices < 0:
         errors.append("--num-devices must be >= 0 (0 means all devices).")
+    if config.num_processes < 0 or config.process_id < -1:
+        errors.append("--num-processes must be >= 0 and --process-id >= 0 (or unset).")
+    elif config.num_processes and config.process_id >= config.num_processes:
+        errors.append(
+            f"--process-id {config.process_id} must lie in [0, --num-processes) = "
+            f"[0, {config.num_processes})."
+        )
     if config.stop_after_epoch < 0:
         errors.append("--stop-after-epoch must be >= 0.")
     if config.resume and config.overwrite:

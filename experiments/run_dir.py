@@ -280,6 +280,8 @@ class OutputDir:
         """Creates and locks the folder, deletes the earlier run on ``--overwrite`` and writes
         ``config.json``: call it once every check of the new run has passed."""
         self._check_device_count(num_devices)
+        # Every process has looked at the folder before the main process changes it.
+        sync("output_dir_checked")
         if is_main_process():
             try:
                 os.makedirs(self.path, exist_ok=True)
@@ -348,6 +350,8 @@ class MetricsLog:
         if keep_until_epoch > 0 and os.path.exists(jsonl):
             rows = read_metrics(jsonl)
             self.rows = [r for r in rows if r.get("epoch", 0) <= keep_until_epoch]
+        # Every process reads the rows before the main process rewrites the file.
+        sync("metrics_log_read")
         if enabled:
             self._rewrite()
         self._tensorboard = None

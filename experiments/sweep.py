@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from experiments import parallel
 
     # Before any other JAX call (the runs' own calls then do nothing).
-    parallel.maybe_initialize_distributed(sweep.base.distributed)
+    parallel.maybe_initialize_distributed(sweep.base)
     try:
         return run_sweep(sweep)
     except (config_lib.ConfigError, FileExistsError, FileNotFoundError, PermissionError) as e:

@@ -336,7 +336,7 @@ def train_and_evaluate(
     """
     wall_start = time.perf_counter()
     config = config_lib.resolve(config)
-    parallel.maybe_initialize_distributed(config.distributed)
+    parallel.maybe_initialize_distributed(config)
     with run_dir.OutputDir(config) as output_dir:
         output_dir.check()
         dataset = dataset if dataset is not None else load_dataset(config)
