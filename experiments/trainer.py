@@ -61,6 +61,17 @@ class Experiment:
     rho: float | optax.Schedule
     num_params: int
     noisy_labels: int = 0  # training labels that label noise changed
+    # With --sam-start-epoch: the step of the epochs before SAM starts, compiled with rho = 0 so
+    # that it is the base optimizer's program. (The rho schedule alone would skip the second pass
+    # at run time too, behind a lax.cond; XLA:CPU runs convolutions inside a conditional many
+    # times slower.) Same state, same numbers.
+    train_step_before_sam: Callable | None = None
+
+    def train_step_at(self, epoch: int) -> Callable:
+        """The train step of `epoch`."""
+        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+            return self.train_step_before_sam
+        return self.train_step
 
     @property
     def num_devices(self) -> int:
@@ -182,25 +193,35 @@ def create_experiment(
         opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
 
-    step_fn = steps.make_train_step(
-        model,
-        tx,
-        preprocess,
-        num_classes=dataset.num_classes,
-        label_smoothing=config.label_smoothing,
-        sam=optimizers.uses_sam(config),
-    )
-    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
     uses_sam = optimizers.uses_sam(config)
+
+    def sharded_train_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
+        step_fn = steps.make_train_step(
+            model,
+            tx,
+            preprocess,
+            num_classes=dataset.num_classes,
+            label_smoothing=config.label_smoothing,
+            sam=uses_sam,
+        )
+        return parallel.shard_train_step(
+            step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
+        )
+
+    train_step_before_sam = None
+    if uses_sam and config.sam_start_epoch:
+        tx_before_sam = optimizers.build_optimizer(
+            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch
+        )
+        train_step_before_sam = sharded_train_step(tx_before_sam)
+    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
     return Experiment(
         config=config,
         mesh=mesh,
         model=model,
         tx=tx,
         state=state,
-        train_step=parallel.shard_train_step(
-            step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
-        ),
+        train_step=sharded_train_step(tx),
         evaluate=parallel.shard_evaluate(eval_fn, mesh),
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
@@ -208,6 +229,7 @@ def create_experiment(
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
+        train_step_before_sam=train_step_before_sam,
     )
 
 
@@ -253,10 +275,10 @@ def _load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
 
 
 def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
-    """The train step compiled ahead of the loop (so its time is reported apart)."""
+    """The train step of `epoch` compiled ahead of its epochs (so its time is reported apart)."""
     train = experiment.splits["train"]
     t0 = time.perf_counter()
-    compiled = experiment.train_step.lower(
+    compiled = experiment.train_step_at(epoch).lower(
         state, train.images, train.labels, experiment.epoch_indices(epoch)
     ).compile()
     seconds = time.perf_counter() - t0
@@ -369,9 +391,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     log = run_dir.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    step_fn, compile_time = experiment.train_step, 0.0
-    if start_epoch < config.epochs:
-        step_fn, compile_time = _compile_train_step(experiment, state, start_epoch)
+    compiled: dict[int, Callable] = {}  # id of the jitted step -> its compiled program
     stop_epoch = config.epochs
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
@@ -379,7 +399,10 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
-            state, row, seconds = train_epoch(experiment, step_fn, state, epoch)
+            key, compile_time = id(experiment.train_step_at(epoch)), 0.0
+            if key not in compiled:  # the first epoch, and the epoch SAM starts at
+                compiled[key], compile_time = _compile_train_step(experiment, state, epoch)
+            state, row, seconds = train_epoch(experiment, compiled[key], state, epoch)
             if not _is_finite(row, state):
                 diverged_epoch = epoch + 1  # neither logged nor checkpointed
                 break
@@ -387,7 +410,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
                 row.update(_evaluation_row(experiment, state))
             row["epoch_time_s"] = seconds
             row["train_images_per_s"] = experiment.steps_per_epoch * config.batch_size / seconds
-            row["compile_time_s"] = compile_time if epoch == start_epoch else 0.0
+            row["compile_time_s"] = compile_time
             log.append(row)
             run_dir.log(run_dir.epoch_line(row, config.epochs))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:

@@ -194,6 +194,25 @@ def test_late_phase_sam_is_exactly_sgd_before_its_start(dataset):
     )
 
 
+def test_late_phase_runs_the_base_optimizers_program_before_sam(dataset):
+    late = trainer.create_experiment(
+        tiny_config(optimizer="ssam", sam_start_epoch=1, num_devices=8), dataset
+    )
+    assert late.train_step_at(0) is late.train_step_before_sam
+    assert late.train_step_at(1) is late.train_step
+    split, indices = late.splits["train"], late.epoch_indices(0)
+    # The program before SAM has no conditional (and so no second pass in it).
+    args = (late.state, split.images, split.labels, indices)
+    assert "stablehlo.case" in late.train_step.lower(*args).as_text()
+    assert "stablehlo.case" not in late.train_step_before_sam.lower(*args).as_text()
+    copy = jax.tree.map(jnp.copy, late.state)  # the steps donate their state
+    before, _ = late.train_step_before_sam(late.state, split.images, split.labels, indices)
+    scheduled, _ = late.train_step(copy, split.images, split.labels, indices)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(before), jax.device_get(scheduled)
+    )
+
+
 def test_evaluation_counts_every_example_exactly_once(dataset):
     # 40 test images, batches of 16 on 8 devices: the last batch is half padding.
     experiment = trainer.create_experiment(tiny_config(num_devices=8), dataset)
