@@ -34,6 +34,7 @@ from experiments import reporting, run_dir, variants
 from experiments.config import TrainConfig
 
 SAM_VARIANTS = variants.names()
+PROTOCOL_VARIANTS = variants.protocol_names()  # the default comparison
 SELECTION_METRICS = ("final_val_accuracy", "best_val_accuracy")
 
 # Training flags that the sweep itself sets.
@@ -80,7 +81,7 @@ class SweepConfig:
     output_dir: str
     learning_rates: tuple[float, ...] = (0.01, 0.05, 0.1)
     weight_decays: tuple[float, ...] = (1e-4, 5e-4, 1e-3)
-    optimizers: tuple[str, ...] = SAM_VARIANTS
+    optimizers: tuple[str, ...] = PROTOCOL_VARIANTS
     rhos: tuple[float, ...] = (0.05, 0.1, 0.2)
     asam_rhos: tuple[float, ...] = (0.5, 1.0, 2.0)
     seeds: int = 3
@@ -117,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--optimizers",
         type=_optimizers,
-        default=SAM_VARIANTS,
-        help=f"SAM variants to compare with SGD (default: {','.join(SAM_VARIANTS)}). The "
+        default=PROTOCOL_VARIANTS,
+        help=f"SAM variants to compare with SGD (default: {','.join(PROTOCOL_VARIANTS)}; "
+        f"any of {','.join(SAM_VARIANTS)}). The "
         "StableSAM paper's SAM/SSAM are our usam/ssam-usam.",
     )
     sweep.add_argument(

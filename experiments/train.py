@@ -21,6 +21,7 @@ checkpoint that cannot be written). Errors print one ``error: ...`` message, no 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -78,4 +79,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code == 128 + signal.SIGTERM:
+            # The lock is released and the checkpoints closed by now. Skip the interpreter's
+            # teardown, where an interrupted background save of orbax prints asyncio warnings
+            # with tracebacks that say nothing to the user.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.code)
+        raise

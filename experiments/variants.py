@@ -61,6 +61,9 @@ class Variant:
     config_fields: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: dict(SAM_CONFIG_FIELDS)
     )
+    # Among the variants the StableSAM protocol's sweep compares by default (the others are
+    # there to pick with --optimizers).
+    in_protocol: bool = True
 
     def options(self, config: Any) -> dict[str, Any]:
         """The factory's keyword arguments taken from a ``TrainConfig``."""
@@ -108,6 +111,11 @@ def optimizer_help() -> str:
         "'SAM†' is our sam."
     )
     return " ".join(parts)
+
+
+def protocol_names() -> tuple[str, ...]:
+    """The SAM variants of the StableSAM paper's protocol: the sweep's default comparison."""
+    return tuple(name for name, v in VARIANTS.items() if v.in_protocol)
 
 
 def default_rho(name: str) -> float:
@@ -174,25 +182,25 @@ def _register_with_stable_form(variant: Variant, stable_color: str) -> None:
 _register_with_stable_form(Variant(
     name="gsam", label="GSAM", color="C6", paper=_ZHUANG,
     help="surrogate gap guided SAM: g_p - alpha (g - <g, n(g_p)> n(g_p)) (--gsam-alpha)",
-    default_rho=0.05, factory=sam_optax.gsam,
+    default_rho=0.05, factory=sam_optax.gsam, in_protocol=False,
     config_fields={**_ETA, "alpha": "gsam_alpha"},
 ), stable_color="#8c564b")  # fmt: skip
 _register_with_stable_form(Variant(
     name="looksam", label="LookSAM", color="C7", paper=_LIU,
     help="SAM every k steps, the reused orthogonal part in between (--looksam-k, "
     "--looksam-alpha)",
-    default_rho=0.05, factory=sam_optax.looksam,
+    default_rho=0.05, factory=sam_optax.looksam, in_protocol=False,
     config_fields={**_ETA, "k": "looksam_k", "alpha": "looksam_alpha"},
 ), stable_color="#7f7f7f")  # fmt: skip
 _register_with_stable_form(Variant(
     name="fsam", label="Friendly SAM", color="C8", paper=_LI_FSAM,
     help="Friendly SAM: ascent along g minus its EMA (--fsam-sigma, --fsam-lambda)",
-    default_rho=0.05, factory=sam_optax.friendly_sam,
+    default_rho=0.05, factory=sam_optax.friendly_sam, in_protocol=False,
     config_fields={**_ETA, "sigma": "fsam_sigma", "lmbda": "fsam_lambda"},
 ), stable_color="#bcbd22")  # fmt: skip
 _register_with_stable_form(Variant(
     name="vasso", label="VaSSO", color="C9", paper=_LI_VASSO,
     help="variance-suppressed SAM: ascent along an EMA of g (--vasso-theta)",
-    default_rho=0.05, factory=sam_optax.vasso,
+    default_rho=0.05, factory=sam_optax.vasso, in_protocol=False,
     config_fields={**_ETA, "theta": "vasso_theta"},
 ), stable_color="#17becf")  # fmt: skip

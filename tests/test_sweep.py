@@ -54,7 +54,7 @@ def test_protocol_selects_on_validation_and_reports_seeds(tmp_path):
     table = sweep_lib.run_sweep(sweep, train_fn=fake_train(calls))
     # 9 grid runs, 3 rhos x 6 variants, then 2 new seeds for each of the 7 optimizers.
     assert len(calls) == 9 + 18 + 14
-    assert [row["optimizer"] for row in table] == ["sgd", *config_lib.OPTIMIZERS[1:]]
+    assert [row["optimizer"] for row in table] == ["sgd", *variants.protocol_names()]
     for row in table:
         assert (row["learning_rate"], row["weight_decay"], row["seeds"]) == (0.05, 5e-4, 3)
         if row["optimizer"] != "sgd":
