@@ -2,10 +2,11 @@ r"""SAM late in training on real data (Zhou et al., ICLR 2025): Fashion-MNIST, a
 
 The harness version of :mod:`experiments.papers.late_phase` (which stays the quick MLP one):
 every run goes through :func:`experiments.trainer.train_and_evaluate` with a residual network
-(``resnet8``: one basic block per stage, 16/32/64 filters) on a Fashion-MNIST training subset.
-Three arms, several seeds each: SGD throughout, SAM throughout, and SGD with SAM switched on for
-the last few epochs (``sam_start_epoch``: rho is 0 before it, and the second gradient pass is
-skipped at run time). The learning rate drops x0.1 at mid-training, as in the MLP version.
+(``resnet8``: one basic block per stage; 8/16/32 filters by default) on a Fashion-MNIST
+training subset. Three arms, several seeds each: SGD throughout, SAM throughout, and SGD with SAM
+switched on for the last few epochs (``sam_start_epoch``: rho is 0 before it, and the second
+gradient pass is skipped at run time). The learning rate drops x0.1 at mid-training, as in the
+MLP version.
 
 At the end of each run, from its final checkpoint: the top Hessian eigenvalue of the training
 loss (cross-entropy without weight decay, BatchNorm in evaluation mode) on a fixed subset of the
@@ -47,21 +48,21 @@ class LatePhaseFashionConfig:
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     model: str = "resnet8"
-    model_kwargs: str = ""
-    train_size: int = 5000
+    model_kwargs: str = '{"num_filters": 8}'
+    train_size: int = 2000
     validation_size: int = 0  # no early stopping here: the final state is measured
-    epochs: int = 16
+    epochs: int = 12
     sam_epochs: int = 3
     batch_size: int = 128
     learning_rate: float = 0.1
-    lr_drop_epoch: int = 8
+    lr_drop_epoch: int = 6
     weight_decay: float = 5e-4
     rho: float = 0.05
     label_noise: float = 0.0
     seeds: int = 3
-    hessian_size: int = 1000
-    hessian_chunk: int = 500
-    lanczos_iters: int = 20
+    hessian_size: int = 512
+    hessian_chunk: int = 256
+    lanczos_iters: int = 12
     output_dir: str = os.path.join(common.OUTPUT_ROOT, NAME)
     command: str = ""  # the command line that reproduces the run
 
