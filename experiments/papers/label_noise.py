@@ -380,7 +380,7 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(_title(args))
+    fig.suptitle(_title(args), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=80)
     plt.close(fig)
@@ -390,7 +390,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
     """Per-epoch test accuracy (mean over seeds, band: std), one panel per noise rate."""
     plt = reporting.pyplot()
     num = len(args.noise_rates)
-    fig, axes = plt.subplots(1, num, figsize=(6.5 * num, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, num, figsize=(max(9.0, 6.5 * num), 4.5), squeeze=False)
     for ax, rate in zip(axes[0], args.noise_rates, strict=True):
         for optimizer in args.optimizers:
             curves = np.array(
@@ -413,7 +413,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
         ax.set_ylabel(f"test accuracy (%), mean over {args.seeds} seeds")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(_title(args))
+    fig.suptitle(_title(args), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)
