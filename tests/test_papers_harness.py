@@ -118,6 +118,9 @@ def test_is_done_needs_the_summary_and_the_same_config(tmp_path):
     # Fields that do not change the numbers are ignored; the others are not.
     assert harness.is_done(config)
     assert harness.is_done(config.replace(overwrite=True, log_every_steps=7))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "device_count": 1}))
+    assert harness.is_done(config)  # extra keys beside the flags do not count
     assert not harness.is_done(config.replace(rho=0.1))
     assert not harness.is_done(config.replace(label_noise=0.4))
     (tmp_path / "config.json").write_text("{broken")

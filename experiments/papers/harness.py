@@ -48,7 +48,10 @@ def is_done(config: TrainConfig) -> bool:
             saved_values = json.load(f)
         except json.JSONDecodeError:
             return False
-    return _comparable(saved_values) == _comparable(config.to_dict())
+    requested = config.to_dict()
+    # Only the config's own fields: config.json may carry more (e.g. the device count).
+    saved_fields = {k: saved_values.get(k) for k in requested}
+    return _comparable(saved_fields) == _comparable(requested)
 
 
 def read_summary(output_dir: str) -> dict[str, Any]:
