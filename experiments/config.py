@@ -130,6 +130,14 @@ class TrainConfig:
         2.0, "p of the L-p ball of the ascent (2 for SAM; inf for a sign ascent)."
     )
     ascent_steps: int = _field(1, "Number of ascent steps (radius rho / steps each).")
+    gsam_alpha: float = _field(0.1, "GSAM's alpha (0 gives SAM).")
+    looksam_k: int = _field(5, "LookSAM: a SAM step every k steps (1 gives SAM).")
+    looksam_alpha: float = _field(0.7, "LookSAM's alpha, the weight of the reused direction.")
+    fsam_sigma: float = _field(1.0, "Friendly SAM's sigma (0 gives SAM).")
+    fsam_lambda: float = _field(
+        0.9, "Friendly SAM's lambda, the EMA decay of the gradient (its training script: 0.95)."
+    )
+    vasso_theta: float = _field(0.9, "VaSSO's theta, the EMA weight of the new gradient (1: SAM).")
     sync_ascent: bool = _field(
         False,
         "Average the ascent gradient over all devices (global-batch SAM). Default: each device "
@@ -192,14 +200,39 @@ class TrainConfig:
     distributed: bool = _field(
         False,
         "Call jax.distributed.initialize() for a multi-host run (automatic when "
-        "JAX_COORDINATOR_ADDRESS is set).",
+        "JAX_COORDINATOR_ADDRESS is set or any of the three flags below is given). Every host "
+        "runs the same command; values left unset are detected under Slurm or Open MPI.",
+    )
+    coordinator_address: str = _field(
+        "",
+        "host:port of process 0's coordinator in a multi-host run (default: "
+        "JAX_COORDINATOR_ADDRESS, or detected).",
+    )
+    num_processes: int = _field(
+        0, "Number of processes of a multi-host run (0: detected from the cluster environment)."
+    )
+    process_id: int = _field(
+        -1, "This process's index in [0, --num-processes) (-1: detected from the environment)."
     )
     # Output.
     output_dir: str = _field(
         "", "Directory for config, metrics, checkpoints and summary. Default: runs/<name>."
     )
-    resume: bool = _field(False, "Continue the run in --output-dir from its last checkpoint.")
-    overwrite: bool = _field(False, "Delete whatever is in --output-dir and start afresh.")
+    resume: bool = _field(
+        False,
+        "Continue the run in --output-dir from its last intact checkpoint (a corrupt latest one "
+        "is skipped with a message).",
+    )
+    allow_device_change: bool = _field(
+        False,
+        "With --resume, accept a device count other than the run's: the per-device SAM ascent, "
+        "and so the numbers, change.",
+    )
+    overwrite: bool = _field(
+        False,
+        "Delete the earlier run in --output-dir (only a folder holding nothing but a run of this "
+        "program) and start afresh; deleted only once the new run's checks have passed.",
+    )
     keep_checkpoints: int = _field(2, "Number of most recent checkpoints to keep.")
     checkpoint_every: int = _field(1, "Save a checkpoint every N epochs (and at the end).")
     stop_after_epoch: int = _field(
@@ -243,8 +276,12 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
         "progress",
         "log_every_steps",
         "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
         "eval_batch_size",
         "eval_every",
+        "allow_device_change",
     }
 )
 
@@ -275,7 +312,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if not config.output_dir:
         config = dataclasses.replace(config, output_dir=f"runs/{run_name(config)}")
 
-    errors = []
+    errors = _non_finite_floats(config)
     if config.epochs < 1:
         errors.append(f"--epochs must be >= 1, got {config.epochs}.")
     if config.batch_size < 1 or config.eval_batch_size < 1:
@@ -284,6 +321,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
     if config.rho < 0:
         errors.append(f"--rho must be >= 0, got {config.rho}.")
+    if config.eta < 0:
+        errors.append(f"--eta must be >= 0 (ASAM's T = |w| + eta), got {config.eta}.")
+    if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
+        errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
     if config.optimizer == variants.BASELINE:
         if config.sam_start_epoch:
             errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
@@ -298,6 +339,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
         )
     if config.ascent_steps < 1:
         errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
+    if config.looksam_k < 1:
+        errors.append(f"--looksam-k must be >= 1 (1 gives SAM), got {config.looksam_k}.")
+    for flag, value, low, high in (
+        ("--gsam-alpha", config.gsam_alpha, 0.0, math.inf),
+        ("--looksam-alpha", config.looksam_alpha, 0.0, math.inf),
+        ("--fsam-sigma", config.fsam_sigma, 0.0, math.inf),
+        ("--fsam-lambda", config.fsam_lambda, 0.0, 1.0),
+        ("--vasso-theta", config.vasso_theta, 0.0, 1.0),
+    ):
+        if not (math.isfinite(value) and low <= value <= high):
+            errors.append(f"{flag} must be a finite number in [{low:g}, {high:g}], got {value}.")
     if not config.ascent_norm > 1:
         errors.append(f"--ascent-norm must be > 1 (2 for SAM, inf), got {config.ascent_norm}.")
     if not 0 <= config.label_smoothing < 1:
@@ -308,6 +360,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append("--keep-checkpoints must be >= 1.")
     if config.num_devices < 0:
         errors.append("--num-devices must be >= 0 (0 means all devices).")
+    if config.num_processes < 0 or config.process_id < -1:
+        errors.append("--num-processes must be >= 0 and --process-id >= 0 (or unset).")
+    elif config.num_processes and config.process_id >= config.num_processes:
+        errors.append(
+            f"--process-id {config.process_id} must lie in [0, --num-processes) = "
+            f"[0, {config.num_processes})."
+        )
     if config.stop_after_epoch < 0:
         errors.append("--stop-after-epoch must be >= 0.")
     if config.resume and config.overwrite:
@@ -336,6 +395,24 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if errors:
         raise ConfigError("Invalid training configuration:\n  " + "\n  ".join(errors))
     return config
+
+
+# Float flags that may be infinite (the L-inf ball of a sign ascent); every other float flag
+# must be finite.
+_MAY_BE_INFINITE = frozenset({"ascent_norm"})
+
+
+def _non_finite_floats(config: TrainConfig) -> list[str]:
+    """An error line per float flag that is NaN, or infinite where that means nothing."""
+    errors = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value) or f.name not in _MAY_BE_INFINITE:
+            flag = "--" + f.name.replace("_", "-")
+            errors.append(f"{flag} must be a finite number, got {value}.")
+    return errors
 
 
 def lr_milestones(config: TrainConfig) -> list[int]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import logging
 import math
 import os
 import pickle
@@ -564,7 +565,7 @@ def _missing_fashion_mnist_message(data_dir: str, tfds_problem: str) -> str:
         "Get the data in one of these ways:\n"
         "  1. sudo apt-get install dataset-fashion-mnist  # Debian/Ubuntu: installs the files "
         f"in {FASHION_MNIST_DEBIAN_DIR}/\n"
-        f'  2. pip install "sam-optax[experiments,prepare]"  # preparing needs TensorFlow once\n'
+        '  2. pip install -e ".[prepare]"  # from the checkout; preparing needs TensorFlow once\n'
         f"     python -c \"import tensorflow_datasets as tfds; tfds.builder('fashion_mnist', "
         f"data_dir='{data_dir}').download_and_prepare(file_format='array_record')\"\n"
         f"  3. download the four .gz files from {FASHION_MNIST_URL}/ into a folder and pass "
@@ -632,7 +633,7 @@ def _missing_cifar_message(name: str, data_dir: str, tfds_problem: str) -> str:
         f"{os.path.join(data_dir, spec['archive'])}\n"
         "Get the data in one of these two ways (or pass data_dir= / set TFDS_DATA_DIR to where "
         "it already is):\n"
-        f'  1. pip install "sam-optax[experiments,prepare]"  # preparing needs TensorFlow once\n'
+        '  1. pip install -e ".[prepare]"  # from the checkout; preparing needs TensorFlow once\n'
         f"     python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
         f"data_dir='{data_dir}').download_and_prepare(file_format='array_record')\"\n"
         f"  2. mkdir -p '{data_dir}' && curl -L -o "
@@ -645,10 +646,17 @@ def _load_tfds(name: str, data_dir: str) -> _Splits:
     import tensorflow_datasets as tfds
 
     # An explicit split dict: `split=None` means "the splits in the metadata", which comes back
-    # empty under `tfds.testing.mock_data` when the metadata files are absent.
-    sources = tfds.data_source(
-        name, split={"train": "train", "test": "test"}, data_dir=data_dir, download=False
-    )
+    # empty under `tfds.testing.mock_data` when the metadata files are absent. TFDS logs its
+    # probe of a missing copy through absl; the caller reports a missing copy itself.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        sources = tfds.data_source(
+            name, split={"train": "train", "test": "test"}, data_dir=data_dir, download=False
+        )
+    finally:
+        absl_logger.setLevel(level)
     train_images, train_labels = _read_data_source(sources["train"])
     test_images, test_labels = _read_data_source(sources["test"])
     return _Splits(train_images, train_labels, test_images, test_labels)
@@ -699,6 +707,19 @@ def _load_cifar_python_folder(name: str, folder: str) -> _Splits:
 
 
 def _load_cifar_python_archive(name: str, archive: str) -> _Splits:
+    try:
+        return _read_cifar_python_archive(name, archive)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        # Truncated download, or not a .tar.gz at all: name the file and the fix.
+        raise ValueError(
+            f"{archive} is not a readable CIFAR archive ({type(error).__name__}: {error}). "
+            f"Download it again from {_CIFAR_PYTHON[name]['url']}."
+        ) from None
+
+
+def _read_cifar_python_archive(name: str, archive: str) -> _Splits:
     spec = _CIFAR_PYTHON[name]
     with tarfile.open(archive, "r:gz") as tar:
         members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
@@ -722,7 +743,15 @@ def _decode_cifar_pickle(data: bytes, label_key: str, origin: str) -> tuple[np.n
     """One CIFAR python-version batch: b'data' is [N, 3072] uint8, each row a CHW 3x32x32
     image in row-major order; labels are a list of ints. The files are Python 2 pickles of the
     user's own download, hence encoding='bytes'."""
-    batch = pickle.loads(data, encoding="bytes")
+    try:
+        batch = pickle.loads(data, encoding="bytes")
+    except Exception as error:  # unpickling garbage raises almost any type
+        raise ValueError(
+            f"{origin}: not a CIFAR python-version pickle ({type(error).__name__}: {error}). "
+            "Download the data set again."
+        ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{origin}: expected a CIFAR batch (a dict), found {type(batch)}.")
     # Python 2 pickles have bytes keys; accept str keys from files re-pickled under Python 3.
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or label_key not in batch:
@@ -730,9 +759,12 @@ def _decode_cifar_pickle(data: bytes, label_key: str, origin: str) -> tuple[np.n
             f"{origin}: expected a CIFAR batch with 'data' and {label_key!r} entries, found "
             f"{sorted(batch)}."
         )
-    flat = np.asarray(batch["data"], dtype=np.uint8)
-    images = flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.asarray(batch[label_key], dtype=np.int32)
+    try:
+        flat = np.asarray(batch["data"], dtype=np.uint8)
+        images = flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(batch[label_key], dtype=np.int32)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{origin}: not a CIFAR batch of 32x32x3 images ({error}).") from None
     return images, labels
 
 

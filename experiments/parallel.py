@@ -17,22 +17,64 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments import input_pipeline
-from experiments.config import ConfigError
+from experiments.config import ConfigError, TrainConfig
 from experiments.steps import AXIS, Metrics, TrainState, step_key
 
 _DISTRIBUTED_INITIALIZED = False
 
 
-def maybe_initialize_distributed(force: bool = False) -> None:
-    """Calls ``jax.distributed.initialize()`` when asked or when the environment sets up a
-    multi-process run (``JAX_COORDINATOR_ADDRESS``). Must come before any other JAX call; later
-    calls do nothing."""
+def wants_distributed(config: TrainConfig) -> bool:
+    """Whether `config` (or the environment) asks for a multi-process run."""
+    return bool(
+        config.distributed
+        or config.coordinator_address
+        or config.num_processes
+        or config.process_id >= 0
+        or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    )
+
+
+def maybe_initialize_distributed(config: TrainConfig) -> None:
+    """Starts the multi-process runtime (``jax.distributed.initialize``) when `config` or the
+    environment asks for it. Must come before any other JAX call; later calls do nothing.
+
+    Unset coordinator address, process count and id are left to JAX, which reads
+    ``JAX_COORDINATOR_ADDRESS`` and detects Slurm and Open MPI jobs.
+    """
     global _DISTRIBUTED_INITIALIZED
-    if _DISTRIBUTED_INITIALIZED:
+    if _DISTRIBUTED_INITIALIZED or not wants_distributed(config):
         return
-    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        _DISTRIBUTED_INITIALIZED = True
+    # Cross-process collectives on CPU need an implementation (older JAX has none by default);
+    # it must be chosen before the CPU backend starts. GPU and TPU runs ignore it.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    address = config.coordinator_address or None
+    num_processes = config.num_processes or None
+    process_id = config.process_id if config.process_id >= 0 else None
+    env_address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    where = (
+        f"coordinator address {address or env_address or 'not set'}, "
+        f"process count {num_processes or 'not set'}, "
+        f"process id {'not set' if process_id is None else process_id}"
+    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=address, num_processes=num_processes, process_id=process_id
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"--distributed: {e} ({where}). Pass --coordinator-address HOST:PORT "
+            "--num-processes N --process-id I (the same address and count on every process), "
+            "or run under Slurm or Open MPI, where JAX detects them."
+        ) from None
+    except RuntimeError as e:
+        # A coordinator that never answers, or a JAX backend already started.
+        raise ConfigError(
+            f"--distributed: the multi-process runtime did not start ({where}): {e}\n"
+            "Check that every process runs the same command and that process 0 is up and "
+            "reachable at the coordinator address."
+        ) from None
+    _DISTRIBUTED_INITIALIZED = True
 
 
 def is_main_process() -> bool:

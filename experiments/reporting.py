@@ -1,19 +1,22 @@
 """Tables, numbers and figures: the one set of writers every script uses.
 
-CSV, Markdown and JSON writers, the two number formats of the reports (analysis results and
-measurements), ``mean_std``, the command line that reproduces a run, and matplotlib on the
-file-only Agg backend. Used by the run directory, the sweep, the papers' experiments and the
-benchmarks.
+CSV, Markdown and JSON writers (atomic: a temporary file, then ``os.replace``), the two number
+formats of the reports (analysis results and measurements), ``mean_std``, the command line that
+reproduces a run, and matplotlib on the file-only Agg backend. Used by the run directory, the
+sweep, the papers' experiments and the benchmarks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,9 +84,36 @@ def columns_of(rows: Sequence[Row]) -> list[str]:
     return columns
 
 
+TEMP_SUFFIX = ".tmp"  # Atomic writes go through ``.<name>.<random>.tmp`` in the same folder.
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, newline: str | None = None) -> Iterator[Any]:
+    """A text file that replaces `path` only once it is completely written.
+
+    The text goes to a temporary file in the same folder (so the rename stays on one file
+    system), is flushed to disk, then ``os.replace``s `path`: a crash or a full disk leaves the
+    previous file or the new one, never a truncated one. On error the temporary file goes.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    # os.open with mode 0o666 keeps the umask's permissions (mkstemp would make it 0o600).
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+
+
 def write_csv(path: str, rows: Sequence[Row]) -> None:
     """Rows as CSV with the union of their keys as columns; list values joined with ``;``."""
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns_of(rows))
         writer.writeheader()
         for row in rows:
@@ -115,13 +145,20 @@ def write_table(rows: Sequence[Row], path_csv: str, path_md: str | None = None) 
 
 
 def write_json(path: str, payload: Any, *, indent: int = 2) -> None:
-    """JSON with NumPy scalars and other numbers written as floats."""
-    with open(path, "w") as f:
+    """JSON with NumPy scalars and other numbers written as floats (atomically)."""
+    with atomic_open(path) as f:
         json.dump(payload, f, indent=indent, default=float)
 
 
+def write_jsonl(path: str, rows: Sequence[Any]) -> None:
+    """One JSON value per line (atomically)."""
+    with atomic_open(path) as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
+    """A text file (atomically)."""
+    with atomic_open(path) as f:
         f.write(text)
 
 

@@ -157,6 +157,18 @@ def make_train_step(
     return step
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite: one reduction on the devices, so
+    checking the parameters costs one scalar transfer."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_eval_step(
     model: Any,
     preprocess: Preprocess,

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import reporting, variants
+from experiments import reporting, run_dir, variants
 from experiments.config import TrainConfig
 
 SAM_VARIANTS = variants.names()
@@ -204,30 +204,30 @@ class Runner:
         output_dir = os.path.join(
             self.sweep.output_dir, "runs", run_dir_name(optimizer, lr, wd, rho, seed)
         )
-        summary_path = os.path.join(output_dir, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
+        config = dataclasses.replace(
+            self.sweep.base,
+            optimizer=optimizer,
+            rho=rho if optimizer != "sgd" else None,
+            learning_rate=lr,
+            weight_decay=wd,
+            seed=seed,
+            # SAM-only knobs stay off for the SGD baseline.
+            sam_start_epoch=0 if optimizer == "sgd" else self.sweep.base.sam_start_epoch,
+            adaptive=False if optimizer == "sgd" else self.sweep.base.adaptive,
+            output_dir=output_dir,
+            # Continues an interrupted run; starts afresh where there is nothing yet.
+            resume=True,
+            overwrite=False,
+            stop_after_epoch=0,
+        )
+        summary = _finished_summary(config)
+        if summary is not None:
             print(f"[sweep] {phase}: {output_dir} already done, skipped.")
         else:
             print(f"[sweep] {phase}: training {output_dir}")
-            config = dataclasses.replace(
-                self.sweep.base,
-                optimizer=optimizer,
-                rho=rho if optimizer != "sgd" else None,
-                learning_rate=lr,
-                weight_decay=wd,
-                seed=seed,
-                # SAM-only knobs stay off for the SGD baseline.
-                sam_start_epoch=0 if optimizer == "sgd" else self.sweep.base.sam_start_epoch,
-                adaptive=False if optimizer == "sgd" else self.sweep.base.adaptive,
-                output_dir=output_dir,
-                # Continues an interrupted run; starts afresh where there is nothing yet.
-                resume=True,
-                overwrite=False,
-                stop_after_epoch=0,
-            )
             summary = dict(self.train_fn(config))
+        if summary.get("diverged"):
+            print(f"[sweep] {phase}: {output_dir} diverged: {summary.get('error', '')}")
         record = {
             "phase": phase,
             "optimizer": optimizer,
@@ -239,16 +239,51 @@ class Runner:
             "final_val_accuracy": summary.get("final_val_accuracy"),
             "final_test_accuracy": summary.get("final_test_accuracy"),
             "train_time_s": summary.get("train_time_s"),
+            "diverged": bool(summary.get("diverged")),
             "output_dir": output_dir,
         }
         self.results.append(record)
         return record
 
 
+def _finished_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of the run in ``config.output_dir`` if it finished with the same numbers;
+    None when it has not finished (no summary, or one that cannot be read). A finished run
+    made with other numbers (say, fewer epochs) is refused: its folder name does not say."""
+    path = os.path.join(config.output_dir, run_dir.SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        print(f"[sweep] {path} cannot be read ({e}): the run is not done, resuming it.")
+        return None
+    saved = run_dir.read_saved_config(config.output_dir)
+    differences = run_dir.config_differences(saved, config_lib.resolve(config)) if saved else []
+    if differences:
+        raise config_lib.ConfigError(
+            f"The finished run in {config.output_dir!r} was made with other flags than this "
+            "sweep asks for:\n  "
+            + "\n  ".join(differences)
+            + "\nRun the sweep with the flags of that run, or with another --output-dir."
+        )
+    return summary
+
+
 def select_best(records: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
-    """The record with the highest `metric`; the first one among ties (grid order)."""
+    """The record with the highest `metric` among the runs that did not diverge; the first one
+    among ties (grid order)."""
     if not records:
         raise config_lib.ConfigError("No runs to select from: every grid is empty?")
+    if all(r.get("diverged") for r in records):
+        raise config_lib.ConfigError(
+            f"Every run of this grid diverged: {[r['output_dir'] for r in records]}. Pass "
+            "smaller learning rates (--lrs) or rhos (--rhos/--asam-rhos)."
+        )
+    records = [r for r in records if not r.get("diverged")]
     missing = [r["output_dir"] for r in records if r.get(metric) is None]
     if missing:
         raise config_lib.ConfigError(
@@ -305,14 +340,22 @@ def run_sweep(sweep: SweepConfig, train_fn: TrainFn | None = None) -> list[dict[
 
 
 def _table_row(optimizer, rho, lr, wd, seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    test_mean, test_std = reporting.mean_std([100 * r["final_test_accuracy"] for r in seeds])
-    val_mean, val_std = reporting.mean_std([100 * r["final_val_accuracy"] for r in seeds])
+    """Mean ± std over the seeds that did not diverge (NaN if none); the others are counted."""
+    finished = [r for r in seeds if not r.get("diverged")] or [{}]
+    nan = float("nan")
+
+    def percent(key: str) -> list[float]:
+        return [100 * r[key] if r.get(key) is not None else nan for r in finished]
+
+    test_mean, test_std = reporting.mean_std(percent("final_test_accuracy"))
+    val_mean, val_std = reporting.mean_std(percent("final_val_accuracy"))
     return {
         "optimizer": optimizer,
         "rho": rho,
         "learning_rate": lr,
         "weight_decay": wd,
         "seeds": len(seeds),
+        "diverged": sum(bool(r.get("diverged")) for r in seeds),
         "test_accuracy_mean": test_mean,
         "test_accuracy_std": test_std,
         "val_accuracy_mean": val_mean,
@@ -349,11 +392,12 @@ def table_markdown(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> st
     ]
     for row in table:
         rho = "-" if row["optimizer"] == "sgd" else f"{row['rho']:g}"
+        seeds = f"{row['seeds']}" + (f" ({row['diverged']} diverged)" if row["diverged"] else "")
         lines.append(
             f"| {row['optimizer']} | {rho} | {row['learning_rate']:g} | "
             f"{row['weight_decay']:g} | {row['test_accuracy_mean']:.2f} ± "
             f"{row['test_accuracy_std']:.2f} | {row['val_accuracy_mean']:.2f} ± "
-            f"{row['val_accuracy_std']:.2f} | {row['seeds']} |"
+            f"{row['val_accuracy_std']:.2f} | {seeds} |"
         )
     lines += [
         "",
@@ -383,9 +427,8 @@ def write_results(
     print(f"[sweep] wrote {output_dir}/table.md, table.csv, results.csv and curves.png")
 
 
-def _read_rows(run_dir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_rows(folder: str) -> list[dict[str, Any]]:
+    return run_dir.read_metrics(os.path.join(folder, run_dir.METRICS_JSONL))
 
 
 def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -428,12 +471,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from experiments import parallel
 
     # Before any other JAX call (the runs' own calls then do nothing).
-    parallel.maybe_initialize_distributed(sweep.base.distributed)
+    parallel.maybe_initialize_distributed(sweep.base)
     try:
         return run_sweep(sweep)
-    except (config_lib.ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, FileExistsError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (run_dir.RunError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

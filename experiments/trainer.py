@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,17 @@ class Experiment:
     rho: float | optax.Schedule
     num_params: int
     noisy_labels: int = 0  # training labels that label noise changed
+    # With --sam-start-epoch: the step of the epochs before SAM starts, compiled with rho = 0 so
+    # that it is the base optimizer's program. (The rho schedule alone would skip the second pass
+    # at run time too, behind a lax.cond; XLA:CPU runs convolutions inside a conditional many
+    # times slower.) Same state, same numbers.
+    train_step_before_sam: Callable | None = None
+
+    def train_step_at(self, epoch: int) -> Callable:
+        """The train step of `epoch`."""
+        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+            return self.train_step_before_sam
+        return self.train_step
 
     @property
     def num_devices(self) -> int:
@@ -181,25 +193,35 @@ def create_experiment(
         opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
 
-    step_fn = steps.make_train_step(
-        model,
-        tx,
-        preprocess,
-        num_classes=dataset.num_classes,
-        label_smoothing=config.label_smoothing,
-        sam=optimizers.uses_sam(config),
-    )
-    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
     uses_sam = optimizers.uses_sam(config)
+
+    def sharded_train_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
+        step_fn = steps.make_train_step(
+            model,
+            tx,
+            preprocess,
+            num_classes=dataset.num_classes,
+            label_smoothing=config.label_smoothing,
+            sam=uses_sam,
+        )
+        return parallel.shard_train_step(
+            step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
+        )
+
+    train_step_before_sam = None
+    if uses_sam and config.sam_start_epoch:
+        tx_before_sam = optimizers.build_optimizer(
+            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch
+        )
+        train_step_before_sam = sharded_train_step(tx_before_sam)
+    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
     return Experiment(
         config=config,
         mesh=mesh,
         model=model,
         tx=tx,
         state=state,
-        train_step=parallel.shard_train_step(
-            step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
-        ),
+        train_step=sharded_train_step(tx),
         evaluate=parallel.shard_evaluate(eval_fn, mesh),
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
@@ -207,6 +229,7 @@ def create_experiment(
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
+        train_step_before_sam=train_step_before_sam,
     )
 
 
@@ -229,6 +252,14 @@ def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, 
 
 
 def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
+    """The data set of `config`; data that cannot be used is a ConfigError (a message)."""
+    try:
+        return _load_dataset(config)
+    except ValueError as e:  # a flag the data set cannot meet, unreadable or invalid files
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def _load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
     return input_pipeline.load_dataset(
         config.dataset,
         data_dir=config.data_dir,
@@ -244,10 +275,10 @@ def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
 
 
 def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
-    """The train step compiled ahead of the loop (so its time is reported apart)."""
+    """The train step of `epoch` compiled ahead of its epochs (so its time is reported apart)."""
     train = experiment.splits["train"]
     t0 = time.perf_counter()
-    compiled = experiment.train_step.lower(
+    compiled = experiment.train_step_at(epoch).lower(
         state, train.images, train.labels, experiment.epoch_indices(epoch)
     ).compile()
     seconds = time.perf_counter() - t0
@@ -319,54 +350,75 @@ def train_and_evaluate(
 
     Resolves `config` and starts the multi-host runtime when asked (both only here). Writes
     ``config.json``, the metrics files, orbax checkpoints and ``summary.json`` to
-    ``config.output_dir``. When the run stops early (``stop_after_epoch``), the returned dict has
-    ``completed: False`` and no ``summary.json`` is written. `dataset` skips loading (it must be
-    what ``config`` would load).
+    ``config.output_dir``, which it locks for the run. Nothing there is created or deleted
+    before the data has loaded and the model is built. When the run stops early
+    (``stop_after_epoch``), the returned dict has ``completed: False`` and no ``summary.json``
+    is written; when it diverges, the summary says ``diverged: True`` with an ``error``
+    message. `dataset` skips loading (it must be what ``config`` would load).
     """
     wall_start = time.perf_counter()
     config = config_lib.resolve(config)
-    parallel.maybe_initialize_distributed(config.distributed)
-    run_dir.prepare_output_dir(config)
-    dataset = dataset if dataset is not None else load_dataset(config)
-    experiment = create_experiment(config, dataset)
-    run_dir.log(
-        f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
-        f"{config.optimizer} (rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
-        f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
-        f"{config.batch_size // experiment.num_devices} images per device per step"
+    parallel.maybe_initialize_distributed(config)
+    with run_dir.OutputDir(config) as output_dir:
+        output_dir.check()
+        dataset = dataset if dataset is not None else load_dataset(config)
+        experiment = create_experiment(config, dataset)
+        output_dir.open(experiment.num_devices)  # every check passed: the first write
+        run_dir.log(
+            f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
+            f"{config.optimizer} "
+            f"(rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
+            f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
+            f"{config.batch_size // experiment.num_devices} images per device per step"
+        )
+        with run_dir.checkpoints(config) as manager:
+            return _train(experiment, manager, wall_start)
+
+
+def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
+    """Whether an epoch kept every loss and parameter finite. The row's loss is the mean of the
+    steps' losses, so it is finite only if each of them was; the parameters and BatchNorm
+    statistics are checked in one reduction on the devices."""
+    return math.isfinite(row["train_loss"]) and bool(
+        steps.all_finite((state.params, state.batch_stats))
     )
 
-    manager = run_dir.checkpoint_manager(config)
+
+def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str, Any]:
+    """The epochs of a run in its opened output directory; returns its summary."""
+    config = experiment.config
     state, start_epoch = run_dir.restore_latest(manager, config, experiment.state)
     log = run_dir.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    run_dir.write_config(config)
-    step_fn, compile_time = experiment.train_step, 0.0
-    if start_epoch < config.epochs:
-        step_fn, compile_time = _compile_train_step(experiment, state, start_epoch)
+    compiled: dict[int, Callable] = {}  # id of the jitted step -> its compiled program
     stop_epoch = config.epochs
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
 
+    diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
-            state, row, seconds = train_epoch(experiment, step_fn, state, epoch)
+            key, compile_time = id(experiment.train_step_at(epoch)), 0.0
+            if key not in compiled:  # the first epoch, and the epoch SAM starts at
+                compiled[key], compile_time = _compile_train_step(experiment, state, epoch)
+            state, row, seconds = train_epoch(experiment, compiled[key], state, epoch)
+            if not _is_finite(row, state):
+                diverged_epoch = epoch + 1  # neither logged nor checkpointed
+                break
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 row.update(_evaluation_row(experiment, state))
             row["epoch_time_s"] = seconds
             row["train_images_per_s"] = experiment.steps_per_epoch * config.batch_size / seconds
-            row["compile_time_s"] = compile_time if epoch == start_epoch else 0.0
+            row["compile_time_s"] = compile_time
             log.append(row)
             run_dir.log(run_dir.epoch_line(row, config.epochs))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:
                 run_dir.save_checkpoint(manager, epoch + 1, state)
-        manager.wait_until_finished()
     finally:
-        manager.close()
         log.close()
 
-    if stop_epoch < config.epochs:
+    if stop_epoch < config.epochs and diverged_epoch is None:
         run_dir.log(
             f"Stopped after epoch {stop_epoch} (--stop-after-epoch). Continue with: "
             f"python -m experiments.train --output-dir {config.output_dir} --resume ..."
@@ -381,7 +433,11 @@ def train_and_evaluate(
         num_devices=experiment.num_devices,
         noisy_labels=experiment.noisy_labels,
         wall_time=time.perf_counter() - wall_start,
+        diverged_epoch=diverged_epoch,
     )
+    if diverged_epoch is not None:
+        summary["error"] = run_dir.divergence_message(config, diverged_epoch, manager.latest_step())
     run_dir.write_summary(config, summary)
-    run_dir.print_summary(summary)
+    if diverged_epoch is None:
+        run_dir.print_summary(summary)
     return summary

@@ -151,3 +151,48 @@ register(Variant(
     help="StableSAM on USAM", default_rho=0.05,
     knobs=dict(normalize=False, stable=True, adaptive=False),
 ))  # fmt: skip
+
+_ZHUANG = "Zhuang et al., ICLR 2022"
+_LIU = "Liu et al., CVPR 2022"
+_LI_FSAM = "Li et al., CVPR 2024"
+_LI_VASSO = "Li & Giannakis, NeurIPS 2023"
+# The variants beyond sam(): no ascent_norm / ascent_steps (they ascend on the L2 ball in one
+# step); eta matters only with --adaptive.
+_ETA = {"eta": "eta"}
+
+
+def _register_with_stable_form(variant: Variant, stable_color: str) -> None:
+    """Registers `variant` and its StableSAM form ``ssam-<name>`` (stable=True)."""
+    register(variant)
+    register(dataclasses.replace(
+        variant, name=f"ssam-{variant.name}", label=f"StableSAM on {variant.label}",
+        color=stable_color, help=f"StableSAM on {variant.label}",
+        knobs={**variant.knobs, "stable": True},
+    ))  # fmt: skip
+
+
+_register_with_stable_form(Variant(
+    name="gsam", label="GSAM", color="C6", paper=_ZHUANG,
+    help="surrogate gap guided SAM: g_p - alpha (g - <g, n(g_p)> n(g_p)) (--gsam-alpha)",
+    default_rho=0.05, factory=sam_optax.gsam,
+    config_fields={**_ETA, "alpha": "gsam_alpha"},
+), stable_color="#8c564b")  # fmt: skip
+_register_with_stable_form(Variant(
+    name="looksam", label="LookSAM", color="C7", paper=_LIU,
+    help="SAM every k steps, the reused orthogonal part in between (--looksam-k, "
+    "--looksam-alpha)",
+    default_rho=0.05, factory=sam_optax.looksam,
+    config_fields={**_ETA, "k": "looksam_k", "alpha": "looksam_alpha"},
+), stable_color="#7f7f7f")  # fmt: skip
+_register_with_stable_form(Variant(
+    name="fsam", label="Friendly SAM", color="C8", paper=_LI_FSAM,
+    help="Friendly SAM: ascent along g minus its EMA (--fsam-sigma, --fsam-lambda)",
+    default_rho=0.05, factory=sam_optax.friendly_sam,
+    config_fields={**_ETA, "sigma": "fsam_sigma", "lmbda": "fsam_lambda"},
+), stable_color="#bcbd22")  # fmt: skip
+_register_with_stable_form(Variant(
+    name="vasso", label="VaSSO", color="C9", paper=_LI_VASSO,
+    help="variance-suppressed SAM: ascent along an EMA of g (--vasso-theta)",
+    default_rho=0.05, factory=sam_optax.vasso,
+    config_fields={**_ETA, "theta": "vasso_theta"},
+), stable_color="#17becf")  # fmt: skip

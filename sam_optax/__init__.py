@@ -1,10 +1,22 @@
 """sam-optax: sharpness-aware minimization as composable Optax gradient transformations.
 
+`import sam_optax` needs only JAX and Optax. The Flax helpers, `sam_optax.nnx` and
+`sam_optax.linen`, import Flax when first used.
+
+>>> import jax, jax.numpy as jnp, optax, sam_optax
+>>> loss_fn = lambda params, batch: jnp.sum((params["w"] - batch) ** 2)
+>>> params, batch = {"w": jnp.zeros(2)}, jnp.ones(2)
 >>> tx = optax.chain(sam_optax.sam(rho=0.05, stable=True), optax.sgd(0.1, momentum=0.9))
->>> updates, state = tx.update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))
+>>> state = tx.init(params)
+>>> grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
+>>> updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+>>> params = optax.apply_updates(params, updates)
 """
 
+import importlib as _importlib
+
 from sam_optax import sharpness
+from sam_optax._accumulation import accumulate_grad_fn
 from sam_optax._sam import (
     SAMState,
     asam,
@@ -14,11 +26,23 @@ from sam_optax._sam import (
     stable_sam,
     usam,
 )
+from sam_optax._variants import (
+    FriendlySAMState,
+    GSAMState,
+    LookSAMState,
+    VaSSOState,
+    friendly_sam,
+    gsam,
+    gsam_rho_schedule,
+    looksam,
+    vasso,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SAMState",
+    "accumulate_grad_fn",
     "asam",
     "per_device",
     "perturbation",
@@ -26,4 +50,23 @@ __all__ = [
     "sam",
     "stable_sam",
     "usam",
+    "FriendlySAMState",
+    "GSAMState",
+    "LookSAMState",
+    "VaSSOState",
+    "friendly_sam",
+    "gsam",
+    "gsam_rho_schedule",
+    "looksam",
+    "vasso",
 ]
+
+# `sam_optax.nnx` and `sam_optax.linen` import Flax, on first access (not in __all__, so that
+# `from sam_optax import *` needs no Flax either).
+_LAZY_SUBMODULES = ("linen", "nnx")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"sam_optax.{name}")
+    raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")

@@ -155,7 +155,7 @@ def test_missing_cifar_names_the_commands_that_get_it(tmp_path, name, archive):
         ip.load_dataset(name, data_dir=str(tmp_path))
     message = str(error.value)
     assert str(tmp_path) in message
-    assert 'pip install "sam-optax[experiments,prepare]"' in message
+    assert 'pip install -e ".[prepare]"' in message
     assert (
         f"tfds.builder('{name}', data_dir='{tmp_path}')"
         ".download_and_prepare(file_format='array_record')" in message

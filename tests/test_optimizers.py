@@ -72,3 +72,56 @@ def test_learning_rate_schedules():
     assert [float(multistep(s)) for s in (9, 10, 29, 30)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
     warm = optimizers.learning_rate_schedule(tiny_config(warmup_epochs=1), steps_per_epoch=10)
     assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(0.1)
+
+
+# The variants beyond sam(): --optimizer name -> (factory, its keywords from the config's flags).
+EXPECTED_FACTORIES = {
+    "gsam": (sam_optax.gsam, dict(alpha=0.1)),
+    "ssam-gsam": (sam_optax.gsam, dict(alpha=0.1, stable=True)),
+    "looksam": (sam_optax.looksam, dict(k=5, alpha=0.7)),
+    "ssam-looksam": (sam_optax.looksam, dict(k=5, alpha=0.7, stable=True)),
+    "fsam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9)),
+    "ssam-fsam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9, stable=True)),
+    "vasso": (sam_optax.vasso, dict(theta=0.9)),
+    "ssam-vasso": (sam_optax.vasso, dict(theta=0.9, stable=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_FACTORIES))
+def test_new_variants_build_their_factory_with_the_flags(name):
+    factory, kwargs = EXPECTED_FACTORIES[name]
+    config = tiny_config(optimizer=name)
+    tx = optimizers.build_optimizer(config, steps_per_epoch=2, axis_name=None)
+    reference = factory(config.rho, **kwargs)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+
+    def loss(p):
+        return jnp.sum(jnp.sin(p["w"]) ** 2 + p["w"] ** 3)
+
+    sgd = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(optimizers.learning_rate_schedule(config, 2), momentum=0.9),
+    )
+    reference = optax.chain(reference, sgd)
+    grad_fn = jax.grad(loss)
+    state, ref_state = tx.init(params), reference.init(params)
+    for _ in range(3):  # several steps: the stateful variants' buffers matter
+        grads = grad_fn(params)
+        got, state = tx.update(grads, state, params, grad_fn=grad_fn)
+        want, ref_state = reference.update(grads, ref_state, params, grad_fn=grad_fn)
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+        params = optax.apply_updates(params, got)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(optimizer="looksam", looksam_k=0), "--looksam-k must be >= 1"),
+        (dict(optimizer="fsam", fsam_lambda=1.5), "--fsam-lambda must be a finite number"),
+        (dict(optimizer="vasso", vasso_theta=float("nan")), "--vasso-theta must be a finite"),
+        (dict(optimizer="gsam", gsam_alpha=-1.0), "--gsam-alpha must be a finite number"),
+    ],
+)
+def test_bad_variant_flags_are_refused(changes, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        tiny_config(**changes)

@@ -194,6 +194,25 @@ def test_late_phase_sam_is_exactly_sgd_before_its_start(dataset):
     )
 
 
+def test_late_phase_runs_the_base_optimizers_program_before_sam(dataset):
+    late = trainer.create_experiment(
+        tiny_config(optimizer="ssam", sam_start_epoch=1, num_devices=8), dataset
+    )
+    assert late.train_step_at(0) is late.train_step_before_sam
+    assert late.train_step_at(1) is late.train_step
+    split, indices = late.splits["train"], late.epoch_indices(0)
+    # The program before SAM has no conditional (and so no second pass in it).
+    args = (late.state, split.images, split.labels, indices)
+    assert "stablehlo.case" in late.train_step.lower(*args).as_text()
+    assert "stablehlo.case" not in late.train_step_before_sam.lower(*args).as_text()
+    copy = jax.tree.map(jnp.copy, late.state)  # the steps donate their state
+    before, _ = late.train_step_before_sam(late.state, split.images, split.labels, indices)
+    scheduled, _ = late.train_step(copy, split.images, split.labels, indices)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(before), jax.device_get(scheduled)
+    )
+
+
 def test_evaluation_counts_every_example_exactly_once(dataset):
     # 40 test images, batches of 16 on 8 devices: the last batch is half padding.
     experiment = trainer.create_experiment(tiny_config(num_devices=8), dataset)
@@ -318,14 +337,16 @@ def test_refuses_to_reuse_a_non_empty_output_dir(tmp_path, dataset):
 
     # --resume refuses a run started with different numbers.
     (output_dir / run_dir.CONFIG_FILE).write_text(tiny_config(optimizer="sam").to_json())
+    resumed = tiny_config(output_dir=str(output_dir), optimizer="ssam", resume=True)
     with pytest.raises(ValueError, match="optimizer: saved 'sam', now 'ssam'"):
-        run_dir.prepare_output_dir(
-            tiny_config(output_dir=str(output_dir), optimizer="ssam", resume=True)
-        )
+        with run_dir.OutputDir(resumed) as out:
+            out.check()
 
-    # --overwrite empties the directory.
-    run_dir.prepare_output_dir(tiny_config(output_dir=str(output_dir), overwrite=True))
-    assert output_dir.is_dir() and not any(output_dir.iterdir())
+    # --overwrite deletes a run of this program only, not a folder holding other files.
+    with pytest.raises(ValueError, match="not a run of this program"):
+        with run_dir.OutputDir(tiny_config(output_dir=str(output_dir), overwrite=True)) as out:
+            out.check()
+    assert (output_dir / "something").exists() and not (output_dir / run_dir.LOCK_FILE).exists()
 
 
 def test_cli_reports_bad_configuration_without_traceback(tmp_path, capsys):

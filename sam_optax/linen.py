@@ -1,0 +1,138 @@
+"""Flax linen helpers: a `TrainState` that forwards `grad_fn` to the optimizer, and `grad_fn`.
+
+`flax.training.train_state.TrainState.apply_gradients(grads=..., **kwargs)` treats its keywords
+as fields to replace and calls ``tx.update(grads, opt_state, params)`` without extra arguments,
+so sam_optax never sees `grad_fn`. :class:`TrainState` forwards every keyword that is not a
+field of the state to ``tx.update``::
+
+  state = sam_optax.linen.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  grads = jax.grad(loss_fn)(state.params, batch)
+  state = state.apply_gradients(grads=grads, grad_fn=lambda p: jax.grad(loss_fn)(p, batch))
+
+With BatchNorm, the statistics come from the first pass only: the loss returns the new
+statistics as aux, the state takes those of the first pass and :func:`grad_fn` drops those of
+the perturbed pass (see its example).
+
+This module imports Flax; ``import sam_optax`` alone does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax.training import train_state
+
+__all__ = ["TrainState", "grad_fn"]
+
+
+class TrainState(train_state.TrainState):
+    """`flax.training.train_state.TrainState` whose `apply_gradients` forwards extra keywords.
+
+    ``apply_gradients(grads=g, grad_fn=f, batch_stats=s)`` replaces the fields it names (here
+    `batch_stats`, as Flax does) and passes every other keyword (here `grad_fn`) to
+    ``tx.update(grads, opt_state, params, **extra)``, as `nnx.Optimizer.update` does.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> import flax.linen as nn
+      >>> model = nn.Dense(1)
+      >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+      >>> state = sam_optax.linen.TrainState.create(
+      ...     apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"],
+      ...     tx=optax.chain(sam_optax.sam(0.05), optax.sgd(0.1)))
+      >>> def loss_fn(params, x, y):
+      ...   return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+      >>> grads = jax.grad(loss_fn)(state.params, x, y)
+      >>> state = state.apply_gradients(
+      ...     grads=grads, grad_fn=lambda p: jax.grad(loss_fn)(p, x, y))
+      >>> int(state.step)
+      1
+    """
+
+    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+        """Updates `step`, `params`, `opt_state` and the fields named in `kwargs`.
+
+        Args:
+          grads: gradients with the structure of `params`.
+          **kwargs: keywords naming a field of the state replace it; every other keyword (e.g.
+            `grad_fn`) is passed to ``tx.update``.
+
+        Returns:
+          The new state, with `step` incremented by one.
+        """
+        fields = {field.name for field in dataclasses.fields(self)}
+        replace = {k: v for k, v in kwargs.items() if k in fields}
+        extra_args = {k: v for k, v in kwargs.items() if k not in fields}
+        overwrite = train_state.OVERWRITE_WITH_GRADIENT
+        if overwrite in grads:
+            grads_with_opt, params_with_opt = grads["params"], self.params["params"]
+        else:
+            grads_with_opt, params_with_opt = grads, self.params
+        updates, new_opt_state = self.tx.update(
+            grads_with_opt, self.opt_state, params_with_opt, **extra_args
+        )
+        new_params_with_opt = optax.apply_updates(params_with_opt, updates)
+        if overwrite in grads:
+            new_params = {"params": new_params_with_opt, overwrite: grads[overwrite]}
+        else:
+            new_params = new_params_with_opt
+        return self.replace(
+            step=self.step + 1, params=new_params, opt_state=new_opt_state, **replace
+        )
+
+
+def grad_fn(
+    loss_fn: Callable[..., Any], *args: Any, has_aux: bool = False, **kwargs: Any
+) -> Callable[[Any], Any]:
+    """``params -> jax.grad(loss_fn)(params, *args, **kwargs)``, dropping aux with `has_aux`.
+
+    For BatchNorm models the loss returns ``(loss, new_batch_stats)``: the first pass's
+    statistics go into the state and the perturbed pass's are dropped, with the statistics the
+    first pass started from in both passes.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with `has_aux`).
+      *args: its other arguments (batch statistics, batch, dropout key, ...).
+      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      A `grad_fn` for sam_optax: params in, gradient pytree out.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, train):
+      ...     return nn.Dense(1)(nn.BatchNorm(use_running_average=not train)(x))
+      >>> model, x, y = Net(), jnp.arange(8.0).reshape(4, 2), jnp.zeros((4, 1))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> class State(sam_optax.linen.TrainState):
+      ...   batch_stats: dict
+      >>> state = State.create(apply_fn=model.apply, params=variables["params"],
+      ...                      batch_stats=variables["batch_stats"],
+      ...                      tx=optax.chain(sam_optax.sam(0.05), optax.sgd(0.1)))
+      >>> def loss_fn(params, batch_stats, x, y):
+      ...   out, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, x,
+      ...                                 train=True, mutable=["batch_stats"])
+      ...   return jnp.mean((out - y) ** 2), updates["batch_stats"]
+      >>> (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      ...     state.params, state.batch_stats, x, y)
+      >>> state = state.apply_gradients(
+      ...     grads=grads, batch_stats=new_stats,
+      ...     grad_fn=sam_optax.linen.grad_fn(loss_fn, state.batch_stats, x, y, has_aux=True))
+      >>> same = jax.tree.map(jnp.array_equal, state.batch_stats, new_stats)  # the first pass's
+      >>> all(jax.tree.leaves(same))
+      True
+    """
+
+    def gradient(params: Any) -> Any:
+        grads = jax.grad(loss_fn, has_aux=has_aux)(params, *args, **kwargs)
+        return grads[0] if has_aux else grads
+
+    return gradient

@@ -1,0 +1,96 @@
+"""Flax NNX helpers: the `grad_fn` that `nnx.Optimizer.update` forwards to sam_optax.
+
+`nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, grad_fn=...)` calls
+``tx.update(grads, opt_state, params, grad_fn=grad_fn)`` with `params` a *pure* `nnx.State` of
+the `wrt` variables (arrays, no `nnx.Variable`), so `grad_fn` must take a pure state and return
+a pure gradient state. :func:`grad_fn` builds it from a loss of the model::
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+      grad_fn = sam_optax.nnx.grad_fn(loss_fn, model, x, y)   # before the first pass
+      loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+      optimizer.update(model, grads, grad_fn=grad_fn)
+      return loss
+
+This module imports Flax; ``import sam_optax`` alone does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+__all__ = ["grad_fn"]
+
+
+def grad_fn(
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    *args: Any,
+    wrt: Any = nnx.Param,
+    has_aux: bool = False,
+    **kwargs: Any,
+) -> Callable[[nnx.State], nnx.State]:
+    """The `grad_fn` for `nnx.Optimizer.update`: pure params state in, pure gradient state out.
+
+    ``grad_fn(params)`` is the gradient of ``loss_fn(model, *args, **kwargs)`` with respect to
+    the `wrt` variables, evaluated at `params` (the perturbed weights sam_optax passes) with every
+    other variable of the model (BatchNorm statistics, RNG stream counters, ...) as it was when
+    :func:`grad_fn` was called. The loss runs on a copy of the model rebuilt from a pure snapshot of
+    that state, so whatever the perturbed pass changes is discarded: BatchNorm running statistics
+    come from the first (unperturbed) pass only and RNG streams advance as in one step. Called
+    before the first pass, both passes see the same RNG state, hence the same dropout masks (the
+    loss and its perturbed counterpart are then one function of the weights).
+
+    Works under `nnx.jit` (and `jax.jit` of split/merged code), inside the `lax.cond`/`lax.scan`
+    that sam_optax may put around it.
+
+    Args:
+      loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar loss`` (or ``(loss, aux)`` with
+        `has_aux`), the same function as for the first gradient.
+      model: the model, in its state before the first pass of the step.
+      *args: the loss's other arguments (the batch).
+      wrt: the variables to differentiate, as given to `nnx.Optimizer` (default `nnx.Param`).
+      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped.
+      **kwargs: keyword arguments of `loss_fn`.
+
+    Returns:
+      ``grad_fn(params: nnx.State, *more_args) -> nnx.State`` of pure arrays shaped like
+      `params`; `more_args` follow `args` in the call of `loss_fn`, so that
+      ``sam_optax.accumulate_grad_fn(sam_optax.nnx.grad_fn(loss_fn, model), micro_batches)``
+      gives the mean gradient over micro-batches (``loss_fn(model, micro_batch)``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, sam_optax
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, optax.chain(sam_optax.sam(0.05), optax.sgd(0.1)), wrt=nnx.Param)
+      >>> def loss_fn(model, x, y):
+      ...   return jnp.mean((model(x) - y) ** 2)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer, x, y):
+      ...   grad_fn = sam_optax.nnx.grad_fn(loss_fn, model, x, y)
+      ...   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+      ...   optimizer.update(model, grads, grad_fn=grad_fn)
+      ...   return loss
+      >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+      >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(3)]
+      >>> losses[2] < losses[0]
+      True
+    """
+    graphdef, _, rest = nnx.split(model, wrt, ...)
+    rest = nnx.as_pure(rest)  # a snapshot: the first pass's updates do not reach it
+
+    def loss_at(params: nnx.State, *more_args: Any) -> Any:
+        copy = nnx.merge(graphdef, params, rest)
+        return loss_fn(copy, *args, *more_args, **kwargs)
+
+    def gradient(params: nnx.State, *more_args: Any) -> nnx.State:
+        grads = jax.grad(loss_at, has_aux=has_aux)(nnx.as_pure(params), *more_args)
+        return grads[0] if has_aux else grads
+
+    return gradient
