@@ -197,7 +197,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert args.optimizers[0] == variants.BASELINE
     assert {"usam", "ssam-usam"} <= set(args.optimizers)
     assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
-        "fashion_mnist", "mlp", 5000, 40, 3,
+        "fashion_mnist", "mlp", 5000, 25, 3,
     )  # fmt: skip
     assert args.noise_rates == (0.0, 0.4) and args.rho == {}
     config = label_noise.run_config(args, "asam", 0.4, 2)
