@@ -350,7 +350,10 @@ def _color(optimizer: str) -> str:
 def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, out: str) -> None:
     """Bars per optimizer (clean and noisy side by side), error bars = std over seeds."""
     plt = reporting.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    # One row per panel: the registry's 15 optimizers need the width.
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(8.0, 0.8 * len(args.optimizers)), 9), sharex=True, sharey=True
+    )
     num = len(args.noise_rates)
     width = 0.8 / num
     x = np.arange(len(args.optimizers))
@@ -374,12 +377,13 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
                 linewidth=0.5,
                 label=noise_label(rate, args.noise_mode),
             )
-        ax.set_xticks(x, [common.label(o) for o in args.optimizers], rotation=35, ha="right")
         ax.set_title(f"test accuracy at the {title}")
         lows = [100 * (e[f"{key}_mean"] - e[f"{key}_std"]) for e in table]
         ax.set_ylim(max(0.0, min(lows) - 5), None)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds")
+    axes[1].set_xticks(x, [common.label(o) for o in args.optimizers], rotation=35, ha="right")
+    for ax in axes:
+        ax.set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds", fontsize=8)
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(_title(args), fontsize=9)
     fig.tight_layout()
