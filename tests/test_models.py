@@ -30,11 +30,16 @@ REFERENCE_EXACT_COUNTS = {
     # Ours; no public figure. Pinned so that accidental architecture changes show up.
     "wrn16_8": 10_961_370,
     "small_cnn": 98_682,
+    "mlp": 669_706,  # 784-512-512-10
+    "resnet8": 78_042,  # 3 input channels (77,754 on 1-channel Fashion-MNIST)
 }
+
+# Ours, without a published count.
+OWN_MODELS = {"small_cnn", "mlp", "resnet8"}
 
 
 def _input_shape(name):
-    return MNIST_SHAPE if name == "small_cnn" else CIFAR_SHAPE
+    return MNIST_SHAPE if name in ("small_cnn", "mlp") else CIFAR_SHAPE
 
 
 def _abstract_init(model, shape):
@@ -68,15 +73,18 @@ def test_registry_names():
         "pyramidnet110_270",
         "vgg16_bn",
         "small_cnn",
+        "mlp",
+        "resnet8",
     }
-    assert set(models.PUBLISHED_PARAM_COUNTS) == set(models.MODELS) - {"small_cnn"}
+    assert set(models.PUBLISHED_PARAM_COUNTS) == set(models.MODELS) - OWN_MODELS
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_param_count_and_output_shape(name):
     model = models.create_model(name, num_classes=10)
     variables = _abstract_init(model, _input_shape(name))
-    assert set(variables) == {"params", "batch_stats"}
+    # The MLP has no BatchNorm, hence no batch_stats.
+    assert set(variables) == ({"params"} if name == "mlp" else {"params", "batch_stats"})
     num_params = models.count_params(variables["params"])
     assert num_params == REFERENCE_EXACT_COUNTS[name]
     if name in models.PUBLISHED_PARAM_COUNTS:
@@ -302,6 +310,26 @@ def test_small_cnn_handles_digits_shape():
     assert models.count_params(variables["params"]) == REFERENCE_EXACT_COUNTS["small_cnn"]
     logits = jax.jit(functools.partial(model.apply, train=False))(variables, jnp.ones(DIGITS_SHAPE))
     assert logits.shape == (2, 10)
+
+
+def test_mlp_widths_and_empty_batch_stats():
+    model = models.create_model("mlp", num_classes=3, hidden=(16, 8))
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 1))
+    # 64*16+16 + 16*8+8 + 8*3+3
+    assert models.count_params(variables["params"]) == 1_203
+    assert variables["batch_stats"] == {}
+    logits, state = model.apply(
+        variables, jnp.ones(DIGITS_SHAPE), train=True, mutable=["batch_stats"]
+    )
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    assert state.get("batch_stats", {}) == {}
+
+
+def test_resnet8_takes_fewer_filters():
+    model = models.create_model("resnet8", num_classes=10, num_filters=4)
+    variables = _abstract_init(model, MNIST_SHAPE)
+    assert models.count_params(variables["params"]) < REFERENCE_EXACT_COUNTS["resnet8"] / 10
+    assert _abstract_logits(model, variables, MNIST_SHAPE, train=True).shape == (2, 10)
 
 
 def test_unknown_model_name_lists_the_names():

@@ -1,0 +1,549 @@
+r"""SAM variants under label noise: the StableSAM paper's table at CPU scale, in one command.
+
+Every optimizer of the variant registry (the SGD baseline first) trained through the harness
+(:func:`experiments.trainer.train_and_evaluate`) on clean labels and with a fraction of the
+training labels replaced by wrong ones (symmetric noise: a uniformly drawn other class; the
+validation and test labels stay clean), several seeds each. SAM's largest published gains are
+under label noise (Foret et al., ICLR 2021, Section 3.3; Baek et al., ICLR 2024): SGD first fits
+the clean labels, then memorizes the noisy ones and its test accuracy falls after an early peak.
+
+The table gives test accuracy (mean +- std over seeds) at the final epoch *and* at the epoch of
+the best validation accuracy (early stopping on the clean validation split), in the format of
+the StableSAM paper (Tan et al., JMLR 2025), with each variant's difference to SGD.
+
+Default scale (``--preset fashion-cpu``, the defaults): Fashion-MNIST, a 784-512-512-10 MLP on a
+5,000-image training subset for 25 cosine epochs (batch 128, lr 0.1, weight decay 5e-4, no
+augmentation), clean and 40 % symmetric noise, 3 seeds. At that scale SGD memorizes the noise
+(one seed: training accuracy 85 % on the noisy labels, where fitting only the clean ones gives
+60 %; test accuracy from 77.7 % at epoch 6 down to 69.9 %), so there is an effect to see;
+XLA:CPU convolutions would make a CNN too slow for the budget of 90 runs.
+
+Run: ``python -m experiments.papers.label_noise`` (files in runs/papers/label_noise/). Each run
+lives in ``<output-dir>/runs/<noise>/<optimizer>-s<seed>`` and is skipped when its summary and
+identical config are there, so an interrupted command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import config as config_lib
+from experiments import reporting, trainer, variants
+from experiments.config import TrainConfig
+from experiments.papers import common, harness
+
+NAME = "label_noise"
+
+# Named protocols: flag defaults. "fashion-cpu" is the CPU-scale table (the defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-cpu": dict(
+        dataset="fashion_mnist",
+        model="mlp",
+        model_kwargs='{"hidden": [512, 512]}',
+        train_size=5000,
+        validation_size=5000,
+        epochs=25,
+        batch_size=128,
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        flip=False,
+        noise_rates=(0.0, 0.4),
+        seeds=3,
+    ),
+}
+DEFAULT_PRESET = "fashion-cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelNoiseConfig:
+    """The experiment's settings (its flags, defaults filled in), fixed once parsed."""
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    model: str = "mlp"
+    model_kwargs: str = '{"hidden": [512, 512]}'
+    train_size: int = 5000
+    validation_size: int = 5000
+    epochs: int = 25
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    weight_decay: float = 5e-4
+    flip: bool = False
+    noise_rates: Sequence[float] = (0.0, 0.4)
+    noise_mode: str = "symmetric"
+    optimizers: Sequence[str] = ()  # default: SGD, then every registered variant
+    seeds: int = 3
+    rho: Mapping[str, float] = dataclasses.field(default_factory=dict)  # overrides per variant
+    output_dir: str = os.path.join(common.OUTPUT_ROOT, NAME)
+    preset: str = DEFAULT_PRESET
+    command: str = ""  # the command line that reproduces the run
+
+
+def _rho_overrides(items: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, float]:
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in variants.names():
+            parser.error(
+                f"--rho takes VARIANT=VALUE with a variant of {variants.names()}, got {item!r}"
+            )
+        try:
+            overrides[name] = float(value)
+        except ValueError:
+            parser.error(f"--rho {item!r}: {value!r} is not a number")
+    return overrides
+
+
+def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.papers.{NAME}",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="Protocol to start from."
+    )
+    # None: the preset's value.
+    parser.add_argument("--dataset", choices=config_lib.DATASETS, default=None)
+    parser.add_argument("--data-dir", default=None, help="Folder with the data set's files.")
+    parser.add_argument("--model", choices=config_lib.MODELS, default=None)
+    parser.add_argument("--model-kwargs", default=None, help="Model options as JSON.")
+    parser.add_argument("--train-size", type=int, default=None, help="Training subset size.")
+    parser.add_argument("--validation-size", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--noise-rates", type=float, nargs="+", default=None, help="Label-noise fractions."
+    )
+    parser.add_argument("--noise-mode", choices=config_lib.LABEL_NOISE_MODES, default="symmetric")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=config_lib.OPTIMIZERS,
+        default=None,
+        help="Optimizers to compare (default: sgd and every registered SAM variant).",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="Seeds per optimizer and noise.")
+    parser.add_argument(
+        "--rho",
+        nargs="+",
+        default=[],
+        metavar="VARIANT=VALUE",
+        help="rho per variant, e.g. sam=0.1 asam=1.0 (default: each variant's registry default).",
+    )
+    parser.add_argument("--output-dir", default=LabelNoiseConfig.output_dir)
+    args = parser.parse_args(argv)
+    values = dict(PRESETS[args.preset])
+    for key in values:
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    optimizers = tuple(args.optimizers or variants.optimizer_names())
+    # SGD first: every difference is taken to it.
+    if variants.BASELINE not in optimizers:
+        optimizers = (variants.BASELINE, *optimizers)
+    optimizers = (variants.BASELINE, *(o for o in optimizers if o != variants.BASELINE))
+    noise_rates = tuple(float(r) for r in values.pop("noise_rates"))
+    if any(not 0 <= r < 1 for r in noise_rates):
+        parser.error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
+    if values["seeds"] < 1:
+        parser.error("--seeds must be >= 1")
+    return LabelNoiseConfig(
+        **values,
+        data_dir=args.data_dir,
+        noise_rates=tuple(dict.fromkeys(noise_rates)),
+        noise_mode=args.noise_mode,
+        optimizers=tuple(dict.fromkeys(optimizers)),
+        rho=_rho_overrides(args.rho, parser),
+        output_dir=args.output_dir,
+        preset=args.preset,
+        command=reporting.command_line(f"experiments.papers.{NAME}", argv),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The runs.
+# --------------------------------------------------------------------------------------------
+
+
+def noise_tag(rate: float, mode: str = "symmetric") -> str:
+    """The folder of a noise setting: ``clean``, ``symmetric40``..."""
+    return "clean" if rate == 0 else f"{mode}{100 * rate:g}"
+
+
+def noise_label(rate: float, mode: str = "symmetric") -> str:
+    return "clean" if rate == 0 else f"{100 * rate:g} % {mode} noise"
+
+
+def run_config(args: LabelNoiseConfig, optimizer: str, rate: float, seed: int) -> TrainConfig:
+    """The harness configuration of one run (unresolved)."""
+    rho = args.rho.get(optimizer) if optimizer != variants.BASELINE else None
+    return TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        validation_size=args.validation_size,
+        train_size=args.train_size,
+        label_noise=rate,
+        label_noise_mode=args.noise_mode,
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        optimizer=optimizer,
+        rho=rho,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        crop_padding=0,
+        seed=seed,
+        # One checkpoint, at the end: saving every epoch would cost more than training an MLP.
+        checkpoint_every=args.epochs,
+        keep_checkpoints=1,
+        progress=False,
+        output_dir=os.path.join(
+            args.output_dir, "runs", noise_tag(rate, args.noise_mode), f"{optimizer}-s{seed}"
+        ),
+    )
+
+
+def run_all(args: LabelNoiseConfig) -> list[dict[str, Any]]:
+    """Every (noise rate, optimizer, seed) run, trained or read back; one row per run."""
+    results = []
+    for rate in args.noise_rates:
+        dataset = None  # loaded once per noise setting, and only if a run needs training
+        for optimizer in args.optimizers:
+            for seed in range(args.seeds):
+                config = config_lib.resolve(run_config(args, optimizer, rate, seed))
+                if dataset is None and not harness.is_done(config):
+                    dataset = trainer.load_dataset(config)
+                summary, rows, trained = harness.run_or_load(config, dataset)
+                print(
+                    f"{noise_tag(rate, args.noise_mode)} {optimizer} s{seed}: "
+                    f"{'trained' if trained else 'done already'}, test "
+                    f"{summary['final_test_accuracy']:.4f} final, "
+                    f"{summary['test_accuracy_at_best_val']:.4f} at best val "
+                    f"(epoch {summary['best_val_epoch']}), {summary['wall_time_s']:.0f} s",
+                    flush=True,
+                )
+                results.append(
+                    dict(
+                        noise_rate=rate,
+                        optimizer=optimizer,
+                        seed=seed,
+                        rho=summary["rho"],
+                        trained=trained,
+                        summary=summary,
+                        curve=[r.get("test_accuracy", np.nan) for r in rows],
+                        train_curve=[r["train_accuracy"] for r in rows],
+                    )
+                )
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------------
+
+METRICS = {"final": "final_test_accuracy", "best_val": "test_accuracy_at_best_val"}
+
+
+def significant(diff: float, std_a: float, std_b: float) -> bool:
+    """The rule of the table: a difference counts when it exceeds the sum of the two seeds'
+    standard deviations (the error bars do not overlap)."""
+    return bool(abs(diff) > std_a + std_b)
+
+
+def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> list[dict]:
+    """One row per (optimizer, noise rate): means, stds and the differences to SGD."""
+    table = []
+    for rate in args.noise_rates:
+        stats = {}
+        for optimizer in args.optimizers:
+            runs = [r for r in results if r["noise_rate"] == rate and r["optimizer"] == optimizer]
+            entry = dict(
+                optimizer=optimizer,
+                label=common.label(optimizer),
+                noise_rate=rate,
+                rho=runs[0]["rho"],
+                seeds=len(runs),
+            )
+            for key, field in METRICS.items():
+                entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std(
+                    [r["summary"][field] for r in runs]
+                )
+            entry["best_val_epoch_mean"] = float(
+                np.mean([r["summary"]["best_val_epoch"] for r in runs])
+            )
+            entry["final_train_accuracy_mean"] = float(
+                np.mean([r["summary"]["final_train_accuracy"] for r in runs])
+            )
+            stats[optimizer] = entry
+        base = stats[variants.BASELINE]
+        for optimizer, entry in stats.items():
+            for key in METRICS:
+                diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
+                entry[f"{key}_diff_to_sgd"] = diff
+                entry[f"{key}_beyond_spread"] = optimizer != variants.BASELINE and significant(
+                    diff, entry[f"{key}_std"], base[f"{key}_std"]
+                )
+            table.append(entry)
+    return table
+
+
+def _cell(entry: Mapping[str, Any], key: str) -> str:
+    text = f"{100 * entry[f'{key}_mean']:.2f} ± {100 * entry[f'{key}_std']:.2f}"
+    if entry["optimizer"] == variants.BASELINE:
+        return text
+    mark = " *" if entry[f"{key}_beyond_spread"] else ""
+    return f"{text} ({100 * entry[f'{key}_diff_to_sgd']:+.2f}{mark})"
+
+
+def markdown_tables(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> str:
+    """The paper's layout: optimizers as rows, noise settings as columns, final and best-val."""
+    columns = ["optimizer", "rho"]
+    noise_columns = {rate: noise_label(rate, args.noise_mode) for rate in args.noise_rates}
+    rows = []
+    for optimizer in args.optimizers:
+        entries = {e["noise_rate"]: e for e in table if e["optimizer"] == optimizer}
+        first = next(iter(entries.values()))
+        row = {"optimizer": first["label"], "rho": f"{first['rho']:g}"}
+        for key, title in (("final", "final epoch"), ("best_val", "best val epoch")):
+            for rate, name in noise_columns.items():
+                row[f"{name}, {title}"] = _cell(entries[rate], key)
+        rows.append(row)
+    columns += [c for c in rows[0] if c not in columns]
+    return reporting.markdown_table(rows, columns, fmt=str)
+
+
+def write_table(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, out: str) -> str:
+    reporting.write_csv(os.path.join(out, "table.csv"), table)
+    text = markdown_tables(table, args)
+    legend = (
+        "Test accuracy (%), mean ± std over "
+        f"{args.seeds} seeds, at the final epoch and at the epoch of the best validation "
+        "accuracy; in brackets the difference to SGD, marked * where it exceeds the sum of the "
+        "two standard deviations."
+    )
+    reporting.write_text(os.path.join(out, "table.md"), f"{text}\n\n{legend}\n")
+    return f"{text}\n\n{legend}"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures.
+# --------------------------------------------------------------------------------------------
+
+
+def _color(optimizer: str) -> str:
+    return common.color(optimizer)
+
+
+def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, out: str) -> None:
+    """Bars per optimizer (clean and noisy side by side), error bars = std over seeds."""
+    plt = reporting.pyplot()
+    # One row per panel: the registry's 15 optimizers need the width.
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(8.0, 0.8 * len(args.optimizers)), 9), sharex=True, sharey=True
+    )
+    num = len(args.noise_rates)
+    width = 0.8 / num
+    x = np.arange(len(args.optimizers))
+    for ax, (key, title) in zip(
+        axes, (("final", "final epoch"), ("best_val", "best validation epoch")), strict=True
+    ):
+        for i, rate in enumerate(args.noise_rates):
+            entries = {e["optimizer"]: e for e in table if e["noise_rate"] == rate}
+            means = [100 * entries[o][f"{key}_mean"] for o in args.optimizers]
+            stds = [100 * entries[o][f"{key}_std"] for o in args.optimizers]
+            ax.bar(
+                x + (i - (num - 1) / 2) * width,
+                means,
+                width,
+                yerr=stds,
+                capsize=2,
+                color=[_color(o) for o in args.optimizers],
+                alpha=1.0 if num == 1 else 1.0 - 0.6 * i / (num - 1),
+                hatch=None if i == 0 else "//",
+                edgecolor="k",
+                linewidth=0.5,
+                label=noise_label(rate, args.noise_mode),
+            )
+        ax.set_title(f"test accuracy at the {title}")
+        lows = [100 * (e[f"{key}_mean"] - e[f"{key}_std"]) for e in table]
+        ax.set_ylim(max(0.0, min(lows) - 5), None)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(x, [common.label(o) for o in args.optimizers], rotation=35, ha="right")
+    for ax in axes:
+        ax.set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds", fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(_title(args), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=80)
+    plt.close(fig)
+
+
+def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, out: str) -> None:
+    """Per-epoch test accuracy (mean over seeds, band: std), one panel per noise rate."""
+    plt = reporting.pyplot()
+    num = len(args.noise_rates)
+    fig, axes = plt.subplots(1, num, figsize=(max(9.0, 6.5 * num), 4.5), squeeze=False)
+    for ax, rate in zip(axes[0], args.noise_rates, strict=True):
+        for optimizer in args.optimizers:
+            curves = np.array(
+                [
+                    r["curve"]
+                    for r in results
+                    if r["noise_rate"] == rate and r["optimizer"] == optimizer
+                ],
+                dtype=np.float64,
+            )
+            mean, std = 100 * curves.mean(0), 100 * curves.std(0)
+            epochs = np.arange(1, curves.shape[1] + 1)
+            style = "-" if optimizer == variants.BASELINE else "--"
+            ax.plot(
+                epochs, mean, style, color=_color(optimizer), label=common.label(optimizer), lw=1.2
+            )
+            ax.fill_between(epochs, mean - std, mean + std, color=_color(optimizer), alpha=0.1)
+        ax.set_title(noise_label(rate, args.noise_mode))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"test accuracy (%), mean over {args.seeds} seeds")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(_title(args), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=80)
+    plt.close(fig)
+
+
+def _title(args: LabelNoiseConfig) -> str:
+    return (
+        f"{args.dataset}, {args.model} {args.model_kwargs}, {args.train_size or 'all'} training "
+        f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate:g} "
+        f"(cosine), wd {args.weight_decay:g}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The report.
+# --------------------------------------------------------------------------------------------
+
+
+def findings(
+    table: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], args
+) -> list[str]:
+    """Plain statements read off the numbers (no claim the runs do not support)."""
+    lines = []
+    for rate in args.noise_rates:
+        entries = [e for e in table if e["noise_rate"] == rate]
+        base = next(e for e in entries if e["optimizer"] == variants.BASELINE)
+        sgd_curves = np.array(
+            [
+                r["curve"]
+                for r in results
+                if r["noise_rate"] == rate and r["optimizer"] == variants.BASELINE
+            ],
+            dtype=np.float64,
+        ).mean(0)
+        peak = int(np.nanargmax(sgd_curves))
+        lines.append(
+            f"- {noise_label(rate, args.noise_mode)}: SGD's mean test curve peaks at "
+            f"{100 * sgd_curves[peak]:.2f} % in epoch {peak + 1} and ends at "
+            f"{100 * sgd_curves[-1]:.2f} % (training accuracy on the "
+            f"{'noisy' if rate else 'clean'} labels at the end: "
+            f"{100 * base['final_train_accuracy_mean']:.1f} %)."
+        )
+        for key, title in (("final", "final epoch"), ("best_val", "best-validation epoch")):
+            better = [e["label"] for e in entries if e[f"{key}_beyond_spread"] and
+                      e[f"{key}_diff_to_sgd"] > 0]  # fmt: skip
+            worse = [e["label"] for e in entries if e[f"{key}_beyond_spread"] and
+                     e[f"{key}_diff_to_sgd"] < 0]  # fmt: skip
+            others = [
+                e["label"]
+                for e in entries
+                if e["optimizer"] != variants.BASELINE and not e[f"{key}_beyond_spread"]
+            ]
+            parts = []
+            if better:
+                parts.append(f"beat SGD by more than the seeds' spread: {', '.join(better)}")
+            if worse:
+                parts.append(f"fall behind SGD by more than the spread: {', '.join(worse)}")
+            if others:
+                parts.append(f"within the spread of SGD: {', '.join(others)}")
+            lines.append(f"  - at the {title}, " + "; ".join(parts) + ".")
+    return lines
+
+
+def write_report(table, results, args, seconds, loads, out) -> None:
+    trained = sum(r["trained"] for r in results)
+    run_seconds = [r["summary"]["wall_time_s"] for r in results]
+    lines = [
+        "# SAM variants under label noise, CPU scale",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        f"Protocol: {_title(args)}; {args.validation_size} validation images held out (clean "
+        f"labels); noise rates {list(args.noise_rates)} ({args.noise_mode}); "
+        f"{args.seeds} seeds; rho: each variant's registry default"
+        + (f", overridden: {dict(args.rho)}" if args.rho else "")
+        + ". Every run through `experiments.trainer.train_and_evaluate`; "
+        "its files under `runs/<noise>/<optimizer>-s<seed>/`.",
+        "",
+        f"Machine: {harness.machine()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs "
+        f"({trained} trained now, {len(results) - trained} done already; "
+        f"{np.mean(run_seconds):.1f} s per run on average as each run measured itself).",
+        "",
+        write_table(table, args, out),
+        "",
+        "![test accuracy per optimizer](accuracy.png)",
+        "",
+        "![test accuracy per epoch](curves.png)",
+        "",
+        "## Findings",
+        "",
+        *findings(table, results, args),
+        "",
+        "The rule: a difference counts where |mean_a - mean_b| > std_a + std_b (sample "
+        f"standard deviations over {args.seeds} seeds). With few seeds this is a rough screen, "
+        "not a significance test.",
+        "",
+    ]
+    reporting.write_text(os.path.join(out, f"{NAME}.md"), "\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    load_start = harness.load_average()
+    out = common.make_output_dir(args.output_dir)
+    results = run_all(args)
+    table = summarize(results, args)
+    plot_accuracy(table, args, out)
+    plot_curves(results, args, out)
+    seconds = time.perf_counter() - start
+    write_report(table, results, args, seconds, (load_start, harness.load_average()), out)
+    reporting.write_json(
+        os.path.join(out, f"{NAME}.json"),
+        dict(
+            args=json.loads(json.dumps(dataclasses.asdict(args))),
+            seconds=seconds,
+            table=table,
+            runs=[{k: v for k, v in r.items() if k != "summary"} for r in results],
+        ),
+    )
+    print(reporting.markdown_table(table, ["label", "noise_rate", "final_mean", "best_val_mean"]))
+    print(f"wrote {out} in {seconds:.1f} s")
+    return dict(results=results, table=table, seconds=seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The papers' experiments that train through the harness (label noise, late-phase SAM on
+Fashion-MNIST), end to end at a tiny size on small IDX files written here, plus their table
+writers and the skip-when-done logic."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import config as config_lib
+from experiments import variants
+from experiments.papers import harness, label_noise, late_phase_fashion, refresh_figures
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """Four tiny Fashion-MNIST IDX files: class-dependent blobs, learnable in a few steps."""
+    folder = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        x = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            x[i, 2 * label : 2 * label + 6, 4:24] = 250
+        return x
+
+    train_y = (np.arange(96) % 10).astype(np.uint8)
+    test_y = (np.arange(40) % 10).astype(np.uint8)
+    for name, array in zip(
+        IDX_NAMES, (images(train_y), train_y, images(test_y), test_y), strict=True
+    ):
+        with gzip.open(folder / (name + ".gz"), "wb") as f:
+            f.write(_idx_bytes(array))
+    return str(folder)
+
+
+def _tiny_label_noise_flags(fashion_dir, out, *extra):
+    return [
+        "--data-dir", fashion_dir,
+        "--validation-size", "16",
+        "--train-size", "48",
+        "--epochs", "2",
+        "--batch-size", "16",
+        "--model-kwargs", '{"hidden": [8]}',
+        "--output-dir", out,
+        *extra,
+    ]  # fmt: skip
+
+
+def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_path, fashion_dir):
+    out = str(tmp_path / "label_noise")
+    flags = _tiny_label_noise_flags(
+        fashion_dir, out, "--optimizers", "sam", "--seeds", "2", "--noise-rates", "0", "0.5"
+    )
+    info = label_noise.main(flags)
+    for name in ("table.md", "table.csv", "accuracy.png", "curves.png", "label_noise.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    # SGD comes first although only sam was asked for: every difference is taken to it.
+    assert [r["optimizer"] for r in info["results"][:2]] == ["sgd", "sgd"]
+    assert len(info["results"]) == 2 * 2 * 2 and all(r["trained"] for r in info["results"])
+    for noise in ("clean", "symmetric50"):
+        for run in ("sgd-s0", "sgd-s1", "sam-s0", "sam-s1"):
+            assert os.path.exists(os.path.join(out, "runs", noise, run, "summary.json"))
+    noisy = harness.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
+    assert noisy["label_noise"] == 0.5 and noisy["noisy_labels"] == 24
+    assert len(info["table"]) == 4
+    with open(os.path.join(out, "table.md")) as f:
+        text = f.read()
+    assert "50 % symmetric noise, best val epoch" in text and "±" in text
+    with open(os.path.join(out, "label_noise.md")) as f:
+        report = f.read()
+    assert "## Findings" in report and "Machine:" in report and "python -m" in report
+
+    # The same command again: every run is read back, none is trained.
+    again = label_noise.main(flags)
+    assert not any(r["trained"] for r in again["results"])
+    assert again["table"] == info["table"]
+
+    # A changed rho retrains that optimizer only.
+    changed = label_noise.main(
+        _tiny_label_noise_flags(
+            fashion_dir, out, "--optimizers", "sam", "--seeds", "1", "--noise-rates", "0.5",
+            "--rho", "sam=0.2",
+        )
+    )  # fmt: skip
+    assert [(r["optimizer"], r["trained"]) for r in changed["results"]] == [
+        ("sgd", False),
+        ("sam", True),
+    ]
+    assert changed["results"][1]["rho"] == 0.2
+
+
+def test_is_done_needs_the_summary_and_the_same_config(tmp_path):
+    config = config_lib.resolve(
+        config_lib.TrainConfig(dataset="digits", optimizer="sam", output_dir=str(tmp_path))
+    )
+    assert not harness.is_done(config)
+    (tmp_path / "config.json").write_text(config.replace(progress=False).to_json())
+    assert not harness.is_done(config)  # no summary: unfinished
+    (tmp_path / "summary.json").write_text(json.dumps({"completed": True}))
+    # Fields that do not change the numbers are ignored; the others are not.
+    assert harness.is_done(config)
+    assert harness.is_done(config.replace(overwrite=True, log_every_steps=7))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "device_count": 1}))
+    assert harness.is_done(config)  # extra keys beside the flags do not count
+    assert not harness.is_done(config.replace(rho=0.1))
+    assert not harness.is_done(config.replace(label_noise=0.4))
+    (tmp_path / "config.json").write_text("{broken")
+    assert not harness.is_done(config)
+
+
+def _fake_results(means: dict[tuple[str, float], list[float]]) -> list[dict]:
+    results = []
+    for (optimizer, rate), values in means.items():
+        for seed, value in enumerate(values):
+            results.append(
+                dict(
+                    noise_rate=rate,
+                    optimizer=optimizer,
+                    seed=seed,
+                    rho=0.05,
+                    trained=True,
+                    summary=dict(
+                        final_test_accuracy=value,
+                        test_accuracy_at_best_val=value + 0.1,
+                        best_val_epoch=3,
+                        final_train_accuracy=0.9,
+                    ),
+                    curve=[value + 0.1, value],
+                )
+            )
+    return results
+
+
+def test_table_differences_and_the_spread_rule(tmp_path):
+    args = label_noise.LabelNoiseConfig(
+        optimizers=("sgd", "sam", "usam"), noise_rates=(0.0, 0.4), seeds=3
+    )
+    results = _fake_results(
+        {
+            ("sgd", 0.0): [0.80, 0.81, 0.82],
+            ("sam", 0.0): [0.805, 0.815, 0.825],  # +0.5 points, within the spread
+            ("usam", 0.0): [0.70, 0.71, 0.72],  # -10 points, beyond it
+            ("sgd", 0.4): [0.60, 0.61, 0.62],
+            ("sam", 0.4): [0.70, 0.71, 0.72],  # +10 points, beyond it
+            ("usam", 0.4): [0.60, 0.60, 0.60],
+        }
+    )
+    table = label_noise.summarize(results, args)
+    entry = {(e["optimizer"], e["noise_rate"]): e for e in table}
+    assert entry[("sam", 0.4)]["final_diff_to_sgd"] == pytest.approx(0.10)
+    assert entry[("sam", 0.4)]["final_beyond_spread"]
+    assert not entry[("sam", 0.0)]["final_beyond_spread"]
+    assert entry[("usam", 0.0)]["best_val_beyond_spread"]
+    assert not entry[("sgd", 0.4)]["final_beyond_spread"]
+    assert label_noise.significant(0.031, 0.01, 0.02)
+    assert not label_noise.significant(-0.03, 0.01, 0.02)
+
+    text = label_noise.markdown_tables(table, args)
+    lines = text.splitlines()
+    assert lines[0].startswith("| optimizer | rho | clean, final epoch |")
+    assert len(lines) == 2 + 3
+    assert "61.00 ± 1.00" in lines[2]  # SGD, 40 % noise, final epoch
+    assert "71.00 ± 1.00 (+10.00 *)" in text
+    assert "81.50 ± 1.00 (+0.50)" in text
+    label_noise.write_table(table, args, str(tmp_path))
+    assert (tmp_path / "table.csv").read_text().startswith("optimizer,label,noise_rate")
+    lines = label_noise.findings(table, results, args)
+    assert any("beat SGD by more than the seeds' spread: SAM" in line for line in lines)
+    assert any("fall behind SGD by more than the spread: USAM" in line for line in lines)
+    label_noise.plot_accuracy(table, args, str(tmp_path))
+    label_noise.plot_curves(results, args, str(tmp_path))
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
+    args = label_noise.parse_args([])
+    assert args.optimizers == variants.optimizer_names()
+    assert args.optimizers[0] == variants.BASELINE
+    assert {"usam", "ssam-usam"} <= set(args.optimizers)
+    assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
+        "fashion_mnist", "mlp", 5000, 25, 3,
+    )  # fmt: skip
+    assert args.noise_rates == (0.0, 0.4) and args.rho == {}
+    config = label_noise.run_config(args, "asam", 0.4, 2)
+    assert config.output_dir.endswith(os.path.join("runs", "symmetric40", "asam-s2"))
+    assert config_lib.resolve(config).rho == variants.default_rho("asam")
+    overridden = label_noise.parse_args(["--rho", "sam=0.1", "--epochs", "5"])
+    assert overridden.rho == {"sam": 0.1} and overridden.epochs == 5
+    with pytest.raises(SystemExit):
+        label_noise.parse_args(["--rho", "nosuch=0.1"])
+    assert {"label_noise", "late_phase_fashion"} <= set(refresh_figures.FIGURES)
+
+
+def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
+    out = str(tmp_path / "late")
+    info = late_phase_fashion.main(
+        [
+            "--data-dir", fashion_dir,
+            "--model", "mlp",
+            "--model-kwargs", '{"hidden": [8]}',
+            "--train-size", "48",
+            "--epochs", "2",
+            "--sam-epochs", "1",
+            "--batch-size", "16",
+            "--seeds", "1",
+            "--hessian-size", "40",
+            "--hessian-chunk", "16",
+            "--lanczos-iters", "3",
+            "--output-dir", out,
+        ]
+    )  # fmt: skip
+    for name in ("late_phase_fashion.png", "late_phase_fashion.md", "late_phase_fashion_runs.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    rows = {r["arm"]: r for r in info["rows"]}
+    assert set(rows) == {"sgd", "sam", "late"}
+    for row in rows.values():
+        assert 0 <= row["test_acc"] <= 1
+        assert np.isfinite(row["top_eigenvalue"]) and row["top_eigenvalue"] > 0
+    late = harness.read_metrics(os.path.join(out, "runs", "late-s0"))
+    assert [m["rho"] for m in late] == [0.0, 0.05]  # SGD first, SAM for the last epoch
+    with open(os.path.join(out, "late_phase_fashion.md")) as f:
+        assert "## Findings" in f.read()
