@@ -47,7 +47,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
         model_kwargs='{"num_filters": 8}',
         optimizer="ssam",
         batch_size=128,
-        train_size=128 * 16,
+        train_size=128 * 8,
+    ),
+    # A step of a few milliseconds, where the host's per-step work shows (as on an accelerator).
+    "tiny": dict(
+        dataset="mnist5k",
+        model="small_cnn",
+        model_kwargs=common.QUICK_SMALL_CNN,
+        optimizer="ssam",
+        batch_size=8,
     ),
 }
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {
