@@ -286,6 +286,12 @@ def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
     return compiled, seconds
 
 
+# Gathers an epoch's per-step metrics into one array each on the devices, so that the host
+# fetches two arrays per epoch rather than two scalars per step (7 ms against 0.7 ms for 437
+# steps on a CPU).
+_stack_metrics = jax.jit(lambda metrics: jax.tree.map(lambda *m: jnp.stack(m), *metrics))
+
+
 def train_epoch(
     experiment: Experiment, step_fn: Callable, state: TrainState, epoch: int
 ) -> tuple[TrainState, dict[str, Any], float]:
@@ -308,10 +314,13 @@ def train_epoch(
         state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
         step_metrics.append(metrics)
         bar.update(1)
-        if (i + 1) % config.log_every_steps == 0 or i + 1 == num_steps:
-            # Fetching the metrics waits for the step: only every log_every_steps steps.
-            latest = jax.device_get(metrics)
-            rate = (i + 1) * config.batch_size / (time.perf_counter() - t0)
+        if not bar.disable and ((i + 1) % config.log_every_steps == 0 or i + 1 == num_steps):
+            # Show the metrics of log_every_steps steps ago: waiting for those leaves the steps
+            # dispatched since queued, so the devices never idle for the bar (waiting for the
+            # latest step drained the queue at every refresh). Without a bar, no waiting at all.
+            done = max(i + 1 - config.log_every_steps, 1)
+            latest = jax.device_get(step_metrics[done - 1])
+            rate = done * config.batch_size / (time.perf_counter() - t0)
             bar.set_postfix(
                 loss=f"{float(latest['loss']):.4f}",
                 acc=f"{float(latest['accuracy']):.3f}",
@@ -320,15 +329,15 @@ def train_epoch(
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     bar.close()
-    fetched = jax.device_get(step_metrics)
+    fetched = jax.device_get(_stack_metrics(step_metrics))
     first_step = epoch * num_steps
     row = {
         "epoch": epoch + 1,
         "step": (epoch + 1) * num_steps,
         "learning_rate": float(experiment.learning_rate(first_step)),
         "rho": experiment.rho_at(first_step),
-        "train_loss": float(np.mean([m["loss"] for m in fetched])),
-        "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+        "train_loss": float(np.mean(fetched["loss"])),
+        "train_accuracy": float(np.mean(fetched["accuracy"])),
     }
     return state, row, seconds
 

@@ -58,6 +58,7 @@ def read_csv(path) -> list[dict[str, str]]:
         ("gpu_throughput", 6),  # 3 optimizers x 2 batch sizes
         ("scaling", 2),  # 1 and 2 devices
         ("conv_probe", None),  # XLA, and PyTorch where installed
+        ("harness_overhead", 3),  # bare, harness, harness_no_bar
     ],
 )
 def test_script_runs_and_writes_results(name, expected_rows, tmp_path):
@@ -75,6 +76,10 @@ def test_script_runs_and_writes_results(name, expected_rows, tmp_path):
         assert ratios["sam / (2 x sgd)"] == pytest.approx(1.0, abs=0.02)
         assert ratios["ssam / sam"] == pytest.approx(1.0, abs=0.02)
         assert ratios["rho0 / sgd"] == pytest.approx(1.0, abs=0.02)
+    if name == "harness_overhead":
+        assert [r["config"] for r in rows] == ["bare", "harness", "harness_no_bar"]
+        assert float(rows[0]["ratio_to_bare"]) == 1.0
+        assert all(float(r["images_per_s"]) > 0 for r in rows)
 
 
 def test_vs_torch_runs(tmp_path):

@@ -24,6 +24,7 @@ SCRIPTS: dict[str, dict[str, list[str] | None]] = {
     "gpu_throughput": {"cpu": None, "gpu": []},
     "scaling": {"cpu": [], "gpu": None},
     "conv_probe": {"cpu": [], "gpu": None},
+    "harness_overhead": {"cpu": [], "gpu": []},
 }
 
 
