@@ -45,6 +45,10 @@ TRAIN_ARGS = [
     "--no-progress",
 ]
 LAUNCH_TIMEOUT_S = 150  # per launch; a healthy one takes under a minute, 45 s on 2 busy cores
+# On a heavily loaded 2-core machine, a 2-process CPU run has been seen to stall in its first epoch
+# (both processes idle after gloo connected; cause not found yet). Such an attempt is killed and
+# the multi-process part starts over in a fresh folder, at most this many times in all.
+ATTEMPTS = 2
 
 
 def _free_port() -> int:
@@ -129,6 +133,34 @@ def _restore(output_dir: Path, epoch: int) -> dict:
     return jax.device_get(checkpointer.restore(path, target))
 
 
+def _killed_and_resumed(tmp_path: Path, multi_dir: Path, launches: list) -> list[str]:
+    """2 processes x 2 devices, SIGKILLed as soon as the checkpoint of epoch 1 is committed
+    (orbax renames it into place last), then resumed; the logs of the resumed launch.
+
+    --stop-after-epoch 2 bounds how far a slow kill can get, so the resumed launch always has
+    epochs left to train. Raises TimeoutError where a launch stalls.
+    """
+    name = multi_dir.name
+    first = Launch(
+        tmp_path, f"{name}-first", [f"--output-dir={multi_dir}", "--stop-after-epoch=2"], 2, 2
+    )
+    launches.append(first)
+    checkpoint = multi_dir / run_dir.CHECKPOINT_DIR / "1"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not checkpoint.is_dir():
+        assert all(p.poll() in (None, 0) for p in first.procs), first.logs[0].read_text()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no checkpoint within {LAUNCH_TIMEOUT_S} s")
+        time.sleep(0.02)
+    first.kill()
+    resumed = Launch(tmp_path, f"{name}-resumed", [f"--output-dir={multi_dir}", "--resume"], 2, 2)
+    launches.append(resumed)
+    try:
+        return resumed.wait()
+    except subprocess.TimeoutExpired as stalled:
+        raise TimeoutError(str(stalled)) from None
+
+
 def _rows(output_dir: Path) -> list[dict]:
     with open(output_dir / run_dir.METRICS_JSONL) as f:
         return [json.loads(line) for line in f]
@@ -136,7 +168,7 @@ def _rows(output_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
-    single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
+    single_dir = tmp_path / "single"
     launches: list[Launch] = []
     try:
         # The reference: one process with 4 devices, run straight through.
@@ -144,24 +176,16 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
         launches.append(single)
         single.wait()
 
-        # 2 processes x 2 devices, SIGKILLed as soon as the checkpoint of epoch 1 is committed
-        # (orbax renames it into place last). --stop-after-epoch 2 bounds how far a slow kill
-        # can get, so the resumed launch always has epochs left to train.
-        first = Launch(
-            tmp_path, "first", [f"--output-dir={multi_dir}", "--stop-after-epoch=2"], 2, 2
-        )
-        launches.append(first)
-        checkpoint = multi_dir / run_dir.CHECKPOINT_DIR / "1"
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while not checkpoint.is_dir() and time.monotonic() < deadline:
-            assert all(p.poll() in (None, 0) for p in first.procs), first.logs[0].read_text()
-            time.sleep(0.02)
-        assert checkpoint.is_dir(), "no checkpoint within the time limit"
-        first.kill()
-
-        resumed = Launch(tmp_path, "resumed", [f"--output-dir={multi_dir}", "--resume"], 2, 2)
-        launches.append(resumed)
-        main_log, other_log = resumed.wait()
+        for attempt in range(1, ATTEMPTS + 1):
+            multi_dir = tmp_path / f"multi{attempt}"
+            try:
+                main_log, other_log = _killed_and_resumed(tmp_path, multi_dir, launches)
+                break
+            except TimeoutError:
+                for launch in launches:
+                    launch.kill()
+                if attempt == ATTEMPTS:
+                    raise
     finally:
         for launch in launches:
             launch.kill()
