@@ -310,8 +310,13 @@ def train_epoch(
     )
     step_metrics = []
     t0 = time.perf_counter()
+    # With several processes, wait for each step: runs of 2 processes on CPU (gloo) were seen to
+    # stall with many steps in flight. One host sync per step, in multi-process runs only.
+    serialize = jax.process_count() > 1
     for i in range(num_steps):
         state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
+        if serialize:
+            jax.block_until_ready(metrics)
         step_metrics.append(metrics)
         bar.update(1)
         if not bar.disable and ((i + 1) % config.log_every_steps == 0 or i + 1 == num_steps):
