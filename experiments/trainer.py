@@ -278,9 +278,11 @@ def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
     """The train step of `epoch` compiled ahead of its epochs (so its time is reported apart)."""
     train = experiment.splits["train"]
     t0 = time.perf_counter()
-    compiled = experiment.train_step_at(epoch).lower(
-        state, train.images, train.labels, experiment.epoch_indices(epoch)
-    ).compile()
+    compiled = (
+        experiment.train_step_at(epoch)
+        .lower(state, train.images, train.labels, experiment.epoch_indices(epoch))
+        .compile()
+    )
     seconds = time.perf_counter() - t0
     run_dir.log(f"Compiled the train step in {seconds:.1f} s.")
     return compiled, seconds
@@ -310,9 +312,13 @@ def train_epoch(
     )
     step_metrics = []
     t0 = time.perf_counter()
-    # With several processes, wait for each step: runs of 2 processes on CPU (gloo) were seen to
-    # stall with many steps in flight. One host sync per step, in multi-process runs only.
-    serialize = jax.process_count() > 1
+    # Wait for each step where collectives ran on the CPU or between processes: with many steps
+    # in flight, 2 processes on CPU (gloo) were seen to stall, and one process with 4 simulated
+    # CPU devices on 2 cores aborted in XLA's all-reduce rendezvous (a device's part never got a
+    # thread). One host sync per step there; GPU runs in one process keep the queue full.
+    serialize = jax.process_count() > 1 or (
+        jax.default_backend() == "cpu" and experiment.num_devices > 1
+    )
     for i in range(num_steps):
         state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
         if serialize:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -335,31 +336,56 @@ def test_a_lock_held_by_another_process_blocks_until_released(tmp_path, capsys):
     assert not (folder / run_dir.LOCK_FILE).exists()  # released at the end
 
 
-def test_sigterm_releases_the_lock_and_keeps_the_checkpoints(tmp_path):
-    # A real process, stopped as a scheduler preempts a job.
-    output_dir = tmp_path / "run"
+def _train_until_first_checkpoint(output_dir, log, timeout: float):
+    """Starts a long ``experiments.train`` process; returns it once the checkpoint of epoch 1 is
+    committed, or None (the process dumped its threads' stacks into `log` and was stopped)."""
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(run_dir.__file__)))
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": checkout}
+    # PYTHONFAULTHANDLER: the SIGABRT of a stalled attempt dumps every thread's stack into the log.
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": checkout, "PYTHONFAULTHANDLER": "1"}
     argv = flags(output_dir, "--epochs=10000", "--optimizer=sgd", "--eval-every=10000")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", *argv],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *argv],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while not (output_dir / run_dir.CHECKPOINT_DIR / "1").exists():
+        if process.poll() is not None:
+            pytest.fail(f"exit status {process.returncode}:\n{log.read_text()[-6000:]}")
+        if time.monotonic() > deadline:
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=60)
+            return None
+        time.sleep(0.2)
+    return process
+
+
+def test_sigterm_releases_the_lock_and_keeps_the_checkpoints(tmp_path):
+    # A real process, stopped as a scheduler preempts a job. Alone it checkpoints within seconds;
+    # on a busy 2-core CI machine one attempt was seen to get nowhere in minutes (cause not
+    # found), so a stalled attempt is reported as a warning, with its stacks, and started over.
+    for attempt in (1, 2):
+        output_dir, log = tmp_path / f"run{attempt}", tmp_path / f"train{attempt}.log"
+        process = _train_until_first_checkpoint(output_dir, log, timeout=200)
+        if process is not None:
+            break
+        # The stacks, without faulthandler's long list of loaded extension modules.
+        lines = [x for x in log.read_text().splitlines() if not x.startswith("Extension modules")]
+        message = f"attempt {attempt}: no checkpoint in 200 s:\n" + "\n".join(lines)[-6000:]
+        if attempt == 2:
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=1)
     try:
-        deadline = time.monotonic() + 400  # a busy 2-core CI machine can take minutes
-        while not (output_dir / run_dir.CHECKPOINT_DIR / "1").exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
         assert (output_dir / run_dir.LOCK_FILE).exists()
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    out = log.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out and "Traceback" not in out
     assert not (output_dir / run_dir.LOCK_FILE).exists()
     assert read_json(output_dir / run_dir.CONFIG_FILE)["epochs"] == 10000
 
