@@ -214,13 +214,14 @@ class NumpyReference:
         return out
 
 
-def numpy_grad_fn(grad_fn, treedef):
-    """A float64 list-of-arrays gradient from a JAX gradient of a pytree (computed in float32)."""
+def numpy_grad_fn(grad_fn, treedef, *args):
+    """A float64 list-of-arrays gradient from a JAX gradient of a pytree (computed in float32),
+    ``grad_fn(tree, *args)``: one `grad_fn` for several batches compiles once."""
     jitted = jax.jit(grad_fn)
 
     def fn(ws):
         tree = jax.tree.unflatten(treedef, [jnp.asarray(w, jnp.float32) for w in ws])
-        return [np.asarray(x, np.float64) for x in jax.tree.leaves(jitted(tree))]
+        return [np.asarray(x, np.float64) for x in jax.tree.leaves(jitted(tree, *args))]
 
     return fn
 
@@ -502,11 +503,9 @@ class DataParallelTest(chex.TestCase):
     def expected(self, name, sync):
         leaves, treedef = jax.tree.flatten(self.params)
         ws = [np.asarray(w, np.float64) for w in leaves]
+        grad = jax.grad(mlp_loss)
         grad_fns = [
-            numpy_grad_fn(
-                jax.grad(lambda q, d=d: mlp_loss(q, jax.tree.map(lambda b: b[d], self.batches))),
-                treedef,
-            )
+            numpy_grad_fn(grad, treedef, jax.tree.map(lambda b, d=d: b[d], self.batches))
             for d in range(self.n_devices)
         ]
         reference = NumpyReference(name, VARIANTS[name][1], sync=sync)

@@ -385,13 +385,21 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
                 label=noise_label(rate, args.noise_mode),
             )
         ax.set_title(f"test accuracy at the {title}")
-        lows = [100 * (e[f"{key}_mean"] - e[f"{key}_std"]) for e in table]
-        ax.set_ylim(max(0.0, min(lows) - 5), None)
         ax.grid(axis="y", alpha=0.3)
+    # One y range for both panels (they share it), from every bar and error bar, with headroom
+    # above the bars for the legend.
+    ends = [
+        100 * (e[f"{key}_mean"] + sign * e[f"{key}_std"])
+        for e in table
+        for key in ("final", "best_val")
+        for sign in (-1, 1)
+    ]
+    low, high = max(0.0, min(ends) - 3), max(ends)
+    axes[0].set_ylim(low, high + 0.2 * (high - low))
     axes[1].set_xticks(x, [common.label(o) for o in args.optimizers], rotation=35, ha="right")
     for ax in axes:
         ax.set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds", fontsize=8)
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="upper left", ncol=num)
     fig.suptitle(_title(args), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=80)
