@@ -50,6 +50,7 @@ def read_csv(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, expected_rows",
     [
@@ -82,6 +83,7 @@ def test_script_runs_and_writes_results(name, expected_rows, tmp_path):
         assert all(float(r["images_per_s"]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_vs_torch_runs(tmp_path):
     pytest.importorskip("torch")
     run_script("vs_torch", tmp_path)

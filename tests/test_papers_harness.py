@@ -64,6 +64,7 @@ def _tiny_label_noise_flags(fashion_dir, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_path, fashion_dir):
     out = str(tmp_path / "label_noise")
     flags = _tiny_label_noise_flags(
@@ -210,6 +211,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert {"label_noise", "late_phase_fashion"} <= set(refresh_figures.FIGURES)
 
 
+@pytest.mark.slow
 def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
     out = str(tmp_path / "late")
     info = late_phase_fashion.main(

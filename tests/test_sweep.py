@@ -104,6 +104,7 @@ def test_sweep_help_and_bad_grids(capsys):
     assert "unknown SAM variant" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_on_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     out = tmp_path / "sweep"

@@ -212,9 +212,7 @@ def test_late_phase_runs_the_base_optimizers_program_before_sam(dataset):
     copy = jax.tree.map(jnp.copy, late.state)  # the steps donate their state
     before, _ = late.train_step_before_sam(late.state, split.images, split.labels, indices)
     scheduled, _ = late.train_step(copy, split.images, split.labels, indices)
-    jax.tree.map(
-        np.testing.assert_array_equal, jax.device_get(before), jax.device_get(scheduled)
-    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(before), jax.device_get(scheduled))
 
 
 def test_evaluation_counts_every_example_exactly_once(dataset):
@@ -259,6 +257,7 @@ def _numbers(rows):
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_identically(dataset, mock_data_dir, tmp_path, capsys):
     # Late-phase StableSAM on 8 devices: epoch 1 SGD, epoch 2 SSAM; 2 steps per epoch.
     common = dict(
