@@ -314,8 +314,8 @@ def train_epoch(
     t0 = time.perf_counter()
     # Wait for each step where collectives ran on the CPU or between processes: with many steps
     # in flight, 2 processes on CPU (gloo) were seen to stall, and one process with 4 simulated
-    # CPU devices on 2 cores aborted in XLA's all-reduce rendezvous (a device's part never got a
-    # thread). One host sync per step there; GPU runs in one process keep the queue full.
+    # CPU devices on 2 cores aborted in XLA's all-reduce rendezvous (3 of the 4 device threads
+    # arrived). One host sync per step there; GPU runs in one process keep the queue full.
     serialize = jax.process_count() > 1 or (
         jax.default_backend() == "cpu" and experiment.num_devices > 1
     )
