@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl.testing import parameterized
+from mlp_problem import mlp_batch, mlp_loss, mlp_params
 
 import sam_optax
 
@@ -27,31 +28,6 @@ LR = 0.1
 
 def quadratic_grad(w):
     return jnp.asarray(A, jnp.float32) @ w
-
-
-def mlp_params(key, sizes=(4, 8, 3)):
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        key, k1, k2 = jax.random.split(key, 3)
-        params[f"layer{i}"] = {
-            "kernel": jax.random.normal(k1, (fan_in, fan_out)) / np.sqrt(fan_in),
-            "bias": 0.1 * jax.random.normal(k2, (fan_out,)),
-        }
-    return params
-
-
-def mlp_loss(params, batch):
-    x, y = batch
-    for i in range(len(params)):
-        x = x @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"]
-        if i < len(params) - 1:
-            x = jnp.tanh(x)
-    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
-
-
-def mlp_batch(key, n=16):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n, 4)), jax.random.randint(ky, (n,), 0, 3)
 
 
 # name -> (factory, hyperparameters, the state's buffer field or None).
