@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and of the documentation pages runs as written.
+"""Every ```python block of README.md and of the documentation's pages runs as written.
 
 The blocks of one page run in order in one namespace, as a reader pastes them. Code that cannot
 run on a CPU in CI is fenced as ```{code-block} python instead; every page holding such a block
@@ -13,7 +13,13 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md"] + sorted(
+# The pages of the site, and the READMEs it includes.
+INCLUDED = [
+    os.path.join("experiments", "README.md"),
+    os.path.join("experiments", "papers", "README.md"),
+    os.path.join("experiments", "benchmarks", "README.md"),
+]
+PAGES = ["README.md", *INCLUDED] + sorted(
     os.path.relpath(os.path.join(folder, name), ROOT)
     for folder, dirs, names in os.walk(os.path.join(ROOT, "docs"))
     if "_build" not in os.path.relpath(folder, ROOT).split(os.sep)
@@ -37,10 +43,14 @@ EXECUTED_FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", flags=re.S | re.M)
 SHOWN_FENCE = re.compile(r"^```\{code-block\} python[^\n]*\n", flags=re.M)
 
 
+def read(page: str) -> str:
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
+
+
 def python_blocks(page: str) -> list[tuple[int, str]]:
     """(first line number, source) of every ```python block of `page`, in order."""
-    with open(os.path.join(ROOT, page)) as f:
-        text = f.read()
+    text = read(page)
     return [
         (text.count("\n", 0, match.start()) + 2, match.group(1))
         for match in EXECUTED_FENCE.finditer(text)
@@ -48,8 +58,7 @@ def python_blocks(page: str) -> list[tuple[int, str]]:
 
 
 def shown_blocks(page: str) -> int:
-    with open(os.path.join(ROOT, page)) as f:
-        return len(SHOWN_FENCE.findall(f.read()))
+    return len(SHOWN_FENCE.findall(read(page)))
 
 
 EXECUTED_PAGES = [page for page in PAGES if python_blocks(page)]
@@ -66,11 +75,23 @@ def test_every_shown_block_is_listed_with_its_reason():
     assert shown == set(NOT_EXECUTED)
 
 
+def test_the_site_includes_the_experiments_readmes():
+    site = "".join(read(page) for page in PAGES if page.startswith("docs"))
+    for readme in INCLUDED:
+        assert "{include} ../" + readme.replace(os.sep, "/") in site, readme
+
+
+@pytest.mark.parametrize("page", ["README.md", *INCLUDED])
+def test_every_figure_exists(page):
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", read(page))
+    for image in images:
+        assert os.path.isfile(os.path.join(ROOT, os.path.dirname(page), image)), (page, image)
+
+
 def test_the_api_reference_lists_every_public_name():
     import sam_optax
 
-    with open(os.path.join(ROOT, "docs", "api.md")) as f:
-        api = f.read()
+    api = read(os.path.join("docs", "api.md"))
     modules = {"sharpness": "automodule:: sam_optax.sharpness"}
     for name in sam_optax.__all__:
         entry = modules.get(name, f":: {name}\n")
