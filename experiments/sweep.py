@@ -25,13 +25,13 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import reporting, run_dir, variants
+from experiments import reporting, run_dir, runtime, variants
 from experiments.config import TrainConfig
+from experiments.runtime import ExitStatus
 
 SAM_VARIANTS = variants.names()
 PROTOCOL_VARIANTS = variants.protocol_names()  # the default comparison
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
     args = build_parser().parse_args(argv)
     if args.seeds < 1:
-        raise SystemExit("error: --seeds must be >= 1")
+        runtime.fail("--seeds must be >= 1", ExitStatus.BAD_INPUT)
     base = config_lib.from_args(args, output_dir="", optimizer="sgd")
     return SweepConfig(
         base=base,
@@ -476,12 +476,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parallel.maybe_initialize_distributed(sweep.base)
     try:
         return run_sweep(sweep)
-    except (config_lib.ConfigError, FileExistsError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (run_dir.RunError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except Exception as e:
+        runtime.fail_on(e)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,14 @@ under a folder of its own, skipped when it is already done with the same configu
   requested one (so an interrupted sweep resumes where it stopped, and a changed flag retrains);
 * :func:`final_state` -- the trained parameters and BatchNorm statistics of a finished run,
   restored from its last checkpoint (``train_and_evaluate`` returns only the summary);
-* :func:`machine` / :func:`load_average` -- what a report says about where it ran.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Mapping
 from typing import Any
-
-import jax
 
 from experiments import config as config_lib
 from experiments import input_pipeline, run_dir, trainer
@@ -61,8 +57,7 @@ def read_summary(output_dir: str) -> dict[str, Any]:
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:
     """The run's per-epoch rows (``metrics.jsonl``)."""
-    with open(os.path.join(output_dir, run_dir.METRICS_JSONL)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return run_dir.read_metrics(os.path.join(output_dir, run_dir.METRICS_JSONL))
 
 
 def run_or_load(
@@ -101,27 +96,3 @@ def final_state(
     finally:
         manager.close()
     return experiment, state
-
-
-def load_average() -> tuple[float, float, float] | None:
-    """The 1/5/15-minute load averages (None where the OS has none)."""
-    try:
-        return tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        return None
-
-
-def machine() -> str:
-    """One line about the machine: CPU, core count, JAX backend and devices."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    devices = jax.devices()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {len(devices)} "
-        f"{devices[0].platform} device(s)"
-    )

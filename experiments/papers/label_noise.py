@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import reporting, trainer, variants
+from experiments import reporting, runtime, trainer, variants
 from experiments.config import TrainConfig
 from experiments.papers import common, harness
 
@@ -512,7 +512,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         + ". Every run through `experiments.trainer.train_and_evaluate`; "
         "its files under `runs/<noise>/<optimizer>-s<seed>/`.",
         "",
-        f"Machine: {harness.machine()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
         f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs "
         f"({trained} trained now, {len(results) - trained} done already; "
         f"{np.mean(run_seconds):.1f} s per run on average as each run measured itself).",
@@ -538,14 +538,14 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    load_start = harness.load_average()
+    load_start = runtime.load_average()
     out = common.make_output_dir(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
     plot_accuracy(table, args, out)
     plot_curves(results, args, out)
     seconds = time.perf_counter() - start
-    write_report(table, results, args, seconds, (load_start, harness.load_average()), out)
+    write_report(table, results, args, seconds, (load_start, runtime.load_average()), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import input_pipeline, reporting, steps, trainer, variants
+from experiments import input_pipeline, reporting, runtime, steps, trainer, variants
 from experiments.config import TrainConfig
 from experiments.papers import common, harness
 from sam_optax import sharpness
@@ -373,7 +373,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
         f"the training cross-entropy (BatchNorm in evaluation mode, no weight decay) on "
         f"{args.hessian_size} training images, {args.lanczos_iters} Lanczos steps.",
         "",
-        f"Machine: {harness.machine()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
         f"{loads[1]} at the end. Wall time {seconds:.0f} s ({trained} of {len(rows)} runs "
         "trained now).",
         "",
@@ -394,7 +394,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    load_start = harness.load_average()
+    load_start = runtime.load_average()
     out = common.make_output_dir(args.output_dir)
     rows = run_all(args)
     summary = summarize(rows, args)
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reporting.write_table(summary, os.path.join(out, f"{NAME}_summary.csv"))
     plot(rows, summary, args, out)
     seconds = time.perf_counter() - start
-    write_report(rows, summary, args, seconds, (load_start, harness.load_average()), out)
+    write_report(rows, summary, args, seconds, (load_start, runtime.load_average()), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, runs=rows),
