@@ -115,13 +115,49 @@ def read_saved_config(output_dir: str) -> dict[str, Any] | None:
 
 
 def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    """The fields that change the numbers where `saved` (a config.json) and `config` differ."""
-    current = config.to_dict()
+    """The fields that change the numbers where `saved` (a config.json) and `config` differ.
+
+    Through JSON, so that tuples and lists compare as config.json has them; keys of `saved`
+    that are not fields (e.g. the device count) do not count.
+    """
+    current = json.loads(json.dumps(config.to_dict()))
     return [
         f"{name}: saved {saved.get(name)!r}, now {current[name]!r}"
         for name in current
         if name not in config_lib.RESUME_INDEPENDENT_FIELDS and saved.get(name) != current[name]
     ]
+
+
+def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The one rule for "this run is finished and identical", shared by ``--resume``'s callers,
+    the sweep and the papers' scripts.
+
+    Returns the summary of the run in ``config.output_dir`` (`config` resolved) if it finished
+    with the same numbers; None when it has not finished (no summary, or one that cannot be
+    read: resuming it rewrites it). A finished run made with other numbers is refused, naming
+    the fields that differ: the folder's name does not say, and retraining would erase it.
+    """
+    path = os.path.join(config.output_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        log(f"{path} cannot be read ({e}): the run is not done, resuming it.")
+        return None
+    saved = read_saved_config(config.output_dir)
+    differences = config_differences(saved, config) if saved else []
+    if differences:
+        raise config_lib.ConfigError(
+            f"The finished run in {config.output_dir!r} was made with another configuration "
+            "than the one asked for:\n  "
+            + "\n  ".join(differences)
+            + "\nAsk for the configuration of that run, or choose another --output-dir."
+        )
+    return summary
 
 
 class DirLock:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -222,7 +221,7 @@ class Runner:
             overwrite=False,
             stop_after_epoch=0,
         )
-        summary = _finished_summary(config)
+        summary = run_dir.finished_summary(config_lib.resolve(config))
         if summary is not None:
             print(f"[sweep] {phase}: {output_dir} already done, skipped.")
         else:
@@ -246,33 +245,6 @@ class Runner:
         }
         self.results.append(record)
         return record
-
-
-def _finished_summary(config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of the run in ``config.output_dir`` if it finished with the same numbers;
-    None when it has not finished (no summary, or one that cannot be read). A finished run
-    made with other numbers (say, fewer epochs) is refused: its folder name does not say."""
-    path = os.path.join(config.output_dir, run_dir.SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-        if not isinstance(summary, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        print(f"[sweep] {path} cannot be read ({e}): the run is not done, resuming it.")
-        return None
-    saved = run_dir.read_saved_config(config.output_dir)
-    differences = run_dir.config_differences(saved, config_lib.resolve(config)) if saved else []
-    if differences:
-        raise config_lib.ConfigError(
-            f"The finished run in {config.output_dir!r} was made with other flags than this "
-            "sweep asks for:\n  "
-            + "\n  ".join(differences)
-            + "\nRun the sweep with the flags of that run, or with another --output-dir."
-        )
-    return summary
 
 
 def select_best(records: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:

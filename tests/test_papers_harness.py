@@ -94,21 +94,17 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     assert not any(r["trained"] for r in again["results"])
     assert again["table"] == info["table"]
 
-    # A changed rho retrains that optimizer only.
-    changed = label_noise.main(
-        _tiny_label_noise_flags(
-            fashion_dir, out, "--optimizers", "sam", "--seeds", "1", "--noise-rates", "0.5",
-            "--rho", "sam=0.2",
-        )
-    )  # fmt: skip
-    assert [(r["optimizer"], r["trained"]) for r in changed["results"]] == [
-        ("sgd", False),
-        ("sam", True),
-    ]
-    assert changed["results"][1]["rho"] == 0.2
+    # A changed rho is refused, naming the field: the finished run is never silently retrained.
+    with pytest.raises(config_lib.ConfigError, match="rho: saved 0.05, now 0.2"):
+        label_noise.main(
+            _tiny_label_noise_flags(
+                fashion_dir, out, "--optimizers", "sam", "--seeds", "1", "--noise-rates", "0.5",
+                "--rho", "sam=0.2",
+            )
+        )  # fmt: skip
 
 
-def test_is_done_needs_the_summary_and_the_same_config(tmp_path):
+def test_is_done_needs_the_summary_and_refuses_another_config(tmp_path):
     config = config_lib.resolve(
         config_lib.TrainConfig(dataset="digits", optimizer="sam", output_dir=str(tmp_path))
     )
@@ -122,10 +118,14 @@ def test_is_done_needs_the_summary_and_the_same_config(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "device_count": 1}))
     assert harness.is_done(config)  # extra keys beside the flags do not count
-    assert not harness.is_done(config.replace(rho=0.1))
-    assert not harness.is_done(config.replace(label_noise=0.4))
+    # A finished run of another configuration is refused, naming the fields that differ.
+    with pytest.raises(config_lib.ConfigError, match="rho: saved"):
+        harness.is_done(config.replace(rho=0.1))
+    with pytest.raises(config_lib.ConfigError, match="label_noise: saved"):
+        harness.is_done(config.replace(label_noise=0.4))
     (tmp_path / "config.json").write_text("{broken")
-    assert not harness.is_done(config)
+    with pytest.raises(config_lib.ConfigError, match="garbled"):
+        harness.is_done(config)
 
 
 def _fake_results(means: dict[tuple[str, float], list[float]]) -> list[dict]:
