@@ -117,10 +117,12 @@ class TrainConfig:
         choices=("float32", "bfloat16"),
     )
     # Optimizer.
-    optimizer: str = _field("ssam", variants.optimizer_help(), choices=OPTIMIZERS)
+    optimizer: str = _field(
+        "stable_sam", variants.optimizer_help(), choices=OPTIMIZERS, parse=variants.canonical_name
+    )
     rho: float | None = _field(
         None,
-        "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and ssam-asam.",
+        "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and stable_asam.",
     )
     adaptive: bool = _field(
         False, "Force the adaptive (ASAM) scaling T = |w| + eta on any SAM optimizer."
@@ -287,7 +289,7 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
 
 
 def run_name(config: TrainConfig) -> str:
-    """A readable directory name for a run, e.g. ``cifar10-resnet18-ssam-rho0.05-s0``."""
+    """A readable directory name for a run, e.g. ``cifar10-resnet18-stable_sam-rho0.05-s0``."""
     parts = [config.dataset, config.model, config.optimizer]
     if config.optimizer != variants.BASELINE:
         parts.append(f"rho{config.rho:g}" if config.rho is not None else "")
@@ -299,6 +301,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fills in the data-set/optimizer defaults and checks the values; returns a new config."""
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"Unknown --dataset {config.dataset!r}; choose one of {DATASETS}.")
+    config = dataclasses.replace(config, optimizer=variants.canonical_name(config.optimizer))
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown --optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}.")
     defaults = DATASET_DEFAULTS[config.dataset]
@@ -485,7 +488,7 @@ def add_arguments(
         else:
             parser.add_argument(
                 flag,
-                type=kind,
+                type=f.metadata.get("parse", kind),
                 default=default,
                 choices=f.metadata.get("choices"),
                 help=help_text,

@@ -121,6 +121,8 @@ def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[st
     that are not fields (e.g. the device count) do not count.
     """
     current = json.loads(json.dumps(config.to_dict()))
+    if "optimizer" in saved:  # a run saved under an old spelling is the same optimizer
+        saved = {**saved, "optimizer": variants.canonical_name(saved["optimizer"], warn=False)}
     return [
         f"{name}: saved {saved.get(name)!r}, now {current[name]!r}"
         for name in current

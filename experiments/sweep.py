@@ -63,7 +63,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _optimizers(text: str) -> tuple[str, ...]:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    names = tuple(variants.canonical_name(x.strip()) for x in text.split(",") if x.strip())
     unknown = [n for n in names if n not in SAM_VARIANTS]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -119,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optimizers,
         default=PROTOCOL_VARIANTS,
         help=f"SAM variants to compare with SGD (default: {','.join(PROTOCOL_VARIANTS)}; "
-        f"any of {','.join(SAM_VARIANTS)}). The "
-        "StableSAM paper's SAM/SSAM are our usam/ssam-usam.",
+        f"any of {','.join(SAM_VARIANTS)}).",
     )
     sweep.add_argument(
         "--rhos",
@@ -375,8 +374,7 @@ def table_markdown(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> st
         )
     lines += [
         "",
-        "Names: sam = Foret et al.'s normalized SAM (the StableSAM paper's SAM†); usam = "
-        "unnormalized SAM (the paper's \"SAM\"); ssam-usam = the paper's SSAM.",
+        "Names: the StableSAM paper's SAM is usam, its SSAM stable_usam, its SAM† sam.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,7 @@ Examples::
   python -m experiments.train --preset demo --output-dir runs/demo
 
   # A paper configuration (StableSAM on ResNet-18, CIFAR-10, 200 epochs, all local GPUs).
-  python -m experiments.train --preset stablesam-cifar10-resnet18 --output-dir runs/r18-ssam
+  python -m experiments.train --preset stablesam-cifar10-resnet18 --output-dir runs/r18-stable-sam
 
   # After a preemption, continue exactly where the last checkpoint left off.
   python -m experiments.train ...same flags... --resume

@@ -194,9 +194,15 @@ def test_table_differences_and_the_spread_rule(tmp_path):
 
 def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     args = label_noise.parse_args([])
-    assert set(args.optimizers) >= {"gsam", "looksam", "fsam", "vasso", *variants.protocol_names()}
+    assert set(args.optimizers) >= {
+        "gsam",
+        "looksam",
+        "friendly_sam",
+        "vasso",
+        *variants.protocol_names(),
+    }
     assert args.optimizers[0] == variants.BASELINE
-    assert {"usam", "ssam-usam"} <= set(args.optimizers)
+    assert {"usam", "stable_usam"} <= set(args.optimizers)
     assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
         "fashion_mnist", "mlp", 5000, 25, 3,
     )  # fmt: skip

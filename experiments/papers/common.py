@@ -26,7 +26,7 @@ DATASETS = ("digits", "mnist5k")
 
 # The variants the StableSAM paper compares, in the order of its figures: its "SAM" (USAM), its
 # SSAM (StableSAM on USAM), Foret et al.'s normalized SAM (its SAM-dagger) and StableSAM on it.
-STABLESAM_VARIANTS: tuple[str, ...] = ("usam", "ssam-usam", "sam", "ssam")
+STABLESAM_VARIANTS: tuple[str, ...] = ("usam", "stable_usam", "sam", "stable_sam")
 
 # Plain (stochastic) gradient descent, the baseline of every figure: name -> label.
 BASELINES: dict[str, str] = {"gd": "GD", "sgd": "SGD"}

