@@ -36,6 +36,17 @@ BASELINE_COLOR = "k"
 OUTPUT_ROOT = os.path.join("runs", "papers")
 
 
+def add_methods_flag(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """``--methods``: which of `methods` to run (all by default; old optimizer names accepted)."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=variants.canonical_name,
+        default=list(methods),
+        choices=methods,
+    )
+
+
 def label(method: str) -> str:
     """The legend label of a method (a baseline or a registered SAM variant)."""
     return BASELINES[method] if method in BASELINES else variants.get(method).label

