@@ -1,8 +1,8 @@
 """The optimizer of a run, from its configuration and the variant registry.
 
 ``optax.chain(variant(rho schedule), add_decayed_weights(wd), sgd(lr schedule, momentum))``:
-the SAM variant (see :mod:`experiments.variants`) replaces the gradient, the rest is the base
-optimizer every variant shares. Late-phase SAM is a rho schedule (0, then rho).
+the SAM variant (see :mod:`experiments.optimizer_registry`) replaces the gradient, the rest is
+the base optimizer every variant shares. Late-phase SAM is a rho schedule (0, then rho).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import config as config_lib
-from experiments import variants
+from experiments import optimizer_registry
 from experiments.config import TrainConfig
 from experiments.steps import AXIS
 
@@ -48,7 +48,7 @@ def rho_schedule(config: TrainConfig, steps_per_epoch: int) -> float | optax.Sch
 
 def uses_sam(config: TrainConfig) -> bool:
     """Whether the run has an ascent (every optimizer but the SGD baseline)."""
-    return config.optimizer != variants.BASELINE
+    return config.optimizer != optimizer_registry.BASELINE
 
 
 def build_optimizer(
@@ -70,7 +70,7 @@ def build_optimizer(
     ]
     if not uses_sam(config):
         return optax.chain(*tail)
-    variant = variants.get(config.optimizer)
+    variant = optimizer_registry.get(config.optimizer)
     options = variant.options(config)
     if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
         options["adaptive"] = True

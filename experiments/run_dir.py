@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from experiments import config as config_lib
-from experiments import reporting, variants
+from experiments import optimizer_registry, reporting
 from experiments.config import TrainConfig
 from experiments.parallel import is_main_process, sync
 from experiments.steps import TrainState
@@ -122,7 +122,10 @@ def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[st
     """
     current = json.loads(json.dumps(config.to_dict()))
     if "optimizer" in saved:  # a run saved under an old spelling is the same optimizer
-        saved = {**saved, "optimizer": variants.canonical_name(saved["optimizer"], warn=False)}
+        saved = {
+            **saved,
+            "optimizer": optimizer_registry.canonical_name(saved["optimizer"], warn=False),
+        }
     return [
         f"{name}: saved {saved.get(name)!r}, now {current[name]!r}"
         for name in current
@@ -612,7 +615,7 @@ def summarize(
         "dataset": config.dataset,
         "model": config.model,
         "optimizer": config.optimizer,
-        "rho": config.rho if config.optimizer != variants.BASELINE else 0.0,
+        "rho": config.rho if config.optimizer != optimizer_registry.BASELINE else 0.0,
         "learning_rate": config.learning_rate,
         "weight_decay": config.weight_decay,
         "seed": config.seed,
@@ -647,7 +650,9 @@ def divergence_message(config: TrainConfig, epoch: int, last_checkpoint: int | N
         kept = f"The last good checkpoint is that of epoch {last_checkpoint} in {config.output_dir}"
     else:
         kept = "No checkpoint was saved before"
-    rho = f" or --rho (now {config.rho:g})" if config.optimizer != variants.BASELINE else ""
+    rho = (
+        f" or --rho (now {config.rho:g})" if config.optimizer != optimizer_registry.BASELINE else ""
+    )
     return (
         f"Training diverged in epoch {epoch}: the loss or the parameters became NaN or "
         f"infinite. {kept}; nothing of epoch {epoch} was saved. Try a lower --learning-rate "

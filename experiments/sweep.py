@@ -28,12 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import reporting, run_dir, runtime, variants
+from experiments import optimizer_registry, reporting, run_dir, runtime
 from experiments.config import TrainConfig
 from experiments.runtime import ExitStatus
 
-SAM_VARIANTS = variants.names()
-PROTOCOL_VARIANTS = variants.protocol_names()  # the default comparison
+SAM_VARIANTS = optimizer_registry.names()
+PROTOCOL_VARIANTS = optimizer_registry.protocol_names()  # the default comparison
 SELECTION_METRICS = ("final_val_accuracy", "best_val_accuracy")
 
 # Training flags that the sweep itself sets.
@@ -63,7 +63,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _optimizers(text: str) -> tuple[str, ...]:
-    names = tuple(variants.canonical_name(x.strip()) for x in text.split(",") if x.strip())
+    names = tuple(
+        optimizer_registry.canonical_name(x.strip()) for x in text.split(",") if x.strip()
+    )
     unknown = [n for n in names if n not in SAM_VARIANTS]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -88,7 +90,7 @@ class SweepConfig:
 
     def rho_grid(self, optimizer: str) -> tuple[float, ...]:
         """The rho grid of a variant: ASAM's for variants whose rho is relative to |w|."""
-        return self.asam_rhos if variants.get(optimizer).adaptive_rho else self.rhos
+        return self.asam_rhos if optimizer_registry.get(optimizer).adaptive_rho else self.rhos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_floats,
         default=(0.5, 1.0, 2.0),
         help="rho grid of the adaptive variants ("
-        + ", ".join(v.name for v in variants.VARIANTS.values() if v.adaptive_rho)
+        + ", ".join(v.name for v in optimizer_registry.VARIANTS.values() if v.adaptive_rho)
         + "; default: 0.5,1.0,2.0).",
     )
     sweep.add_argument(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from experiments import config as config_lib
-from experiments import input_pipeline, presets, variants
+from experiments import input_pipeline, optimizer_registry, presets
 from experiments import train as train_cli
 
 
@@ -98,10 +98,10 @@ def test_explicit_flags_override_the_preset():
 
 
 def test_cli_choices_come_from_the_registries():
-    assert config_lib.OPTIMIZERS == ("sgd", *variants.VARIANTS)
+    assert config_lib.OPTIMIZERS == ("sgd", *optimizer_registry.VARIANTS)
     fields = {f.name: f for f in config_lib.dataclasses.fields(config_lib.TrainConfig)}
     assert fields["optimizer"].metadata["choices"] == config_lib.OPTIMIZERS
-    for name in variants.VARIANTS:
+    for name in optimizer_registry.VARIANTS:
         assert name in fields["optimizer"].metadata["help"]
 
 

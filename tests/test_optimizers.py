@@ -10,7 +10,7 @@ import pytest
 
 import sam_optax
 from experiments import config as config_lib
-from experiments import optimizers, variants
+from experiments import optimizer_registry, optimizers
 
 # What each --optimizer name must stand for, written out here apart from the registry.
 EXPECTED_KNOBS: dict[str, dict[str, bool]] = {
@@ -30,8 +30,8 @@ def tiny_config(**overrides) -> config_lib.TrainConfig:
 
 
 def test_the_registry_holds_the_expected_variants():
-    assert set(EXPECTED_KNOBS) <= set(variants.VARIANTS)
-    for name, variant in variants.VARIANTS.items():
+    assert set(EXPECTED_KNOBS) <= set(optimizer_registry.VARIANTS)
+    for name, variant in optimizer_registry.VARIANTS.items():
         assert variant.name == name and variant.label and variant.color and variant.paper
         assert variant.default_rho > 0
         assert variant.adaptive_rho == variant.knobs.get("adaptive", False)

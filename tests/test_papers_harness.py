@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import variants
+from experiments import optimizer_registry
 from experiments.papers import harness, label_noise, late_phase_fashion, refresh_figures
 
 IDX_NAMES = (
@@ -199,9 +199,9 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
         "looksam",
         "friendly_sam",
         "vasso",
-        *variants.protocol_names(),
+        *optimizer_registry.protocol_names(),
     }
-    assert args.optimizers[0] == variants.BASELINE
+    assert args.optimizers[0] == optimizer_registry.BASELINE
     assert {"usam", "stable_usam"} <= set(args.optimizers)
     assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
         "fashion_mnist", "mlp", 5000, 25, 3,
@@ -209,7 +209,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert args.noise_rates == (0.0, 0.4) and args.rho == {}
     config = label_noise.run_config(args, "asam", 0.4, 2)
     assert config.output_dir.endswith(os.path.join("runs", "symmetric40", "asam-s2"))
-    assert config_lib.resolve(config).rho == variants.default_rho("asam")
+    assert config_lib.resolve(config).rho == optimizer_registry.default_rho("asam")
     overridden = label_noise.parse_args(["--rho", "sam=0.1", "--epochs", "5"])
     assert overridden.rho == {"sam": 0.1} and overridden.epochs == 5
     with pytest.raises(SystemExit):

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from experiments import config as config_lib
+from experiments import optimizer_registry
 from experiments import sweep as sweep_lib
-from experiments import variants
 
 
 def fake_train(calls: list):
@@ -22,7 +22,7 @@ def fake_train(calls: list):
         # Best SGD grid point: lr 0.05, wd 5e-4. Best rho: 0.1 (0.5 for ASAM). Seeds add noise.
         val = 0.8 - abs(config.learning_rate - 0.05) - abs(config.weight_decay - 5e-4) * 10
         if config.optimizer != "sgd":
-            best_rho = 0.5 if variants.get(config.optimizer).adaptive_rho else 0.1
+            best_rho = 0.5 if optimizer_registry.get(config.optimizer).adaptive_rho else 0.1
             val += 0.05 - abs(config.rho - best_rho) * 0.01
         val += 0.001 * config.seed
         test = val - 0.01
@@ -54,7 +54,7 @@ def test_protocol_selects_on_validation_and_reports_seeds(tmp_path):
     table = sweep_lib.run_sweep(sweep, train_fn=fake_train(calls))
     # 9 grid runs, 3 rhos x 6 variants, then 2 new seeds for each of the 7 optimizers.
     assert len(calls) == 9 + 18 + 14
-    assert [row["optimizer"] for row in table] == ["sgd", *variants.protocol_names()]
+    assert [row["optimizer"] for row in table] == ["sgd", *optimizer_registry.protocol_names()]
     for row in table:
         assert (row["learning_rate"], row["weight_decay"], row["seeds"]) == (0.05, 5e-4, 3)
         if row["optimizer"] != "sgd":

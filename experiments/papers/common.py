@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, variants
+from experiments import input_pipeline, optimizer_registry
 
 DATASETS = ("digits", "mnist5k")
 
@@ -41,7 +41,7 @@ def add_methods_flag(parser: argparse.ArgumentParser, methods: Sequence[str]) ->
     parser.add_argument(
         "--methods",
         nargs="+",
-        type=variants.canonical_name,
+        type=optimizer_registry.canonical_name,
         default=list(methods),
         choices=methods,
     )
@@ -49,11 +49,11 @@ def add_methods_flag(parser: argparse.ArgumentParser, methods: Sequence[str]) ->
 
 def label(method: str) -> str:
     """The legend label of a method (a baseline or a registered SAM variant)."""
-    return BASELINES[method] if method in BASELINES else variants.get(method).label
+    return BASELINES[method] if method in BASELINES else optimizer_registry.get(method).label
 
 
 def color(method: str) -> str:
-    return BASELINE_COLOR if method in BASELINES else variants.get(method).color
+    return BASELINE_COLOR if method in BASELINES else optimizer_registry.get(method).color
 
 
 def is_baseline(method: str) -> bool:

@@ -12,7 +12,8 @@ exact gradient's (ratio > 1), so at large learning rates SAM blows up (or stalls
 not; renormalizing the surrogate gradient to the exact gradient's norm (StableSAM) restores SGD's
 stable range.
 
-Names as in :mod:`experiments.variants` (the paper's SAM is `usam`, its SSAM `stable_usam`).
+Names as in :mod:`experiments.optimizer_registry` (the paper's SAM is `usam`, its SSAM
+`stable_usam`).
 
 Run: ``python -m experiments.papers.instability`` (figures and tables in
 runs/papers/instability/).
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import reporting, variants
+from experiments import optimizer_registry, reporting
 from experiments.papers import common
 
 # SGD and the StableSAM paper's variants (labels and colours from the registry).
@@ -134,14 +135,14 @@ def load(name: str, args: InstabilityConfig) -> tuple[np.ndarray, np.ndarray, in
 
 def normalized(method: str) -> bool:
     """Whether a variant's ascent is normalized (eps = rho g / ||g||) or not (eps = rho g)."""
-    return variants.get(method).knobs.get("normalize", True)
+    return optimizer_registry.get(method).knobs.get("normalize", True)
 
 
 def build_optimizer(method: str, args: InstabilityConfig, lr: jax.Array):
     if common.is_baseline(method):
         return optax.chain(optax.sgd(lr)), None
     rho = args.rho if normalized(method) else args.rho_usam
-    return optax.chain(variants.get(method).build(rho), optax.sgd(lr)), rho
+    return optax.chain(optimizer_registry.get(method).build(rho), optax.sgd(lr)), rho
 
 
 def train_grid(method: str, x: np.ndarray, y: np.ndarray, num_classes: int, args) -> dict:

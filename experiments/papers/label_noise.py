@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import reporting, runtime, trainer, variants
+from experiments import optimizer_registry, reporting, runtime, trainer
 from experiments.config import TrainConfig
 from experiments.papers import common, harness
 
@@ -63,12 +63,12 @@ DEFAULT_PRESET = "fashion-cpu"
 # SGD, the StableSAM protocol's variants, and the other variants in their plain form (their
 # StableSAM forms, e.g. stable_gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
-    variants.BASELINE,
-    *variants.protocol_names(),
+    optimizer_registry.BASELINE,
+    *optimizer_registry.protocol_names(),
     *(
         n
-        for n in variants.names()
-        if not variants.get(n).in_protocol and not n.startswith("stable_")
+        for n in optimizer_registry.names()
+        if not optimizer_registry.get(n).in_protocol and not n.startswith("stable_")
     ),
 )
 
@@ -102,10 +102,11 @@ def _rho_overrides(items: Sequence[str], parser: argparse.ArgumentParser) -> dic
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
-        name = variants.canonical_name(name)
-        if not sep or name not in variants.names():
+        name = optimizer_registry.canonical_name(name)
+        if not sep or name not in optimizer_registry.names():
             parser.error(
-                f"--rho takes VARIANT=VALUE with a variant of {variants.names()}, got {item!r}"
+                "--rho takes VARIANT=VALUE with a variant of "
+                f"{optimizer_registry.names()}, got {item!r}"
             )
         try:
             overrides[name] = float(value)
@@ -142,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
     parser.add_argument(
         "--optimizers",
         nargs="+",
-        type=variants.canonical_name,
+        type=optimizer_registry.canonical_name,
         choices=config_lib.OPTIMIZERS,
         default=None,
         help=f"Optimizers to compare (default: {' '.join(DEFAULT_OPTIMIZERS)}).",
@@ -163,9 +164,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
             values[key] = getattr(args, key)
     optimizers = tuple(args.optimizers or DEFAULT_OPTIMIZERS)
     # SGD first: every difference is taken to it.
-    if variants.BASELINE not in optimizers:
-        optimizers = (variants.BASELINE, *optimizers)
-    optimizers = (variants.BASELINE, *(o for o in optimizers if o != variants.BASELINE))
+    if optimizer_registry.BASELINE not in optimizers:
+        optimizers = (optimizer_registry.BASELINE, *optimizers)
+    optimizers = (
+        optimizer_registry.BASELINE,
+        *(o for o in optimizers if o != optimizer_registry.BASELINE),
+    )
     noise_rates = tuple(float(r) for r in values.pop("noise_rates"))
     if any(not 0 <= r < 1 for r in noise_rates):
         parser.error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
@@ -200,7 +204,7 @@ def noise_label(rate: float, mode: str = "symmetric") -> str:
 
 def run_config(args: LabelNoiseConfig, optimizer: str, rate: float, seed: int) -> TrainConfig:
     """The harness configuration of one run (unresolved)."""
-    rho = args.rho.get(optimizer) if optimizer != variants.BASELINE else None
+    rho = args.rho.get(optimizer) if optimizer != optimizer_registry.BASELINE else None
     return TrainConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
@@ -301,13 +305,14 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
                 np.mean([r["summary"]["final_train_accuracy"] for r in runs])
             )
             stats[optimizer] = entry
-        base = stats[variants.BASELINE]
+        base = stats[optimizer_registry.BASELINE]
         for optimizer, entry in stats.items():
             for key in METRICS:
                 diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
                 entry[f"{key}_diff_to_sgd"] = diff
-                entry[f"{key}_beyond_spread"] = optimizer != variants.BASELINE and significant(
-                    diff, entry[f"{key}_std"], base[f"{key}_std"]
+                entry[f"{key}_beyond_spread"] = (
+                    optimizer != optimizer_registry.BASELINE
+                    and significant(diff, entry[f"{key}_std"], base[f"{key}_std"])
                 )
             table.append(entry)
     return table
@@ -315,7 +320,7 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
 
 def _cell(entry: Mapping[str, Any], key: str) -> str:
     text = f"{100 * entry[f'{key}_mean']:.2f} ± {100 * entry[f'{key}_std']:.2f}"
-    if entry["optimizer"] == variants.BASELINE:
+    if entry["optimizer"] == optimizer_registry.BASELINE:
         return text
     mark = " *" if entry[f"{key}_beyond_spread"] else ""
     return f"{text} ({100 * entry[f'{key}_diff_to_sgd']:+.2f}{mark})"
@@ -429,7 +434,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
             )
             mean, std = 100 * curves.mean(0), 100 * curves.std(0)
             epochs = np.arange(1, curves.shape[1] + 1)
-            style = "-" if optimizer == variants.BASELINE else "--"
+            style = "-" if optimizer == optimizer_registry.BASELINE else "--"
             ax.plot(
                 epochs, mean, style, color=_color(optimizer), label=common.label(optimizer), lw=1.2
             )
@@ -465,12 +470,12 @@ def findings(
     lines = []
     for rate in args.noise_rates:
         entries = [e for e in table if e["noise_rate"] == rate]
-        base = next(e for e in entries if e["optimizer"] == variants.BASELINE)
+        base = next(e for e in entries if e["optimizer"] == optimizer_registry.BASELINE)
         sgd_curves = np.array(
             [
                 r["curve"]
                 for r in results
-                if r["noise_rate"] == rate and r["optimizer"] == variants.BASELINE
+                if r["noise_rate"] == rate and r["optimizer"] == optimizer_registry.BASELINE
             ],
             dtype=np.float64,
         ).mean(0)
@@ -490,7 +495,7 @@ def findings(
             others = [
                 e["label"]
                 for e in entries
-                if e["optimizer"] != variants.BASELINE and not e[f"{key}_beyond_spread"]
+                if e["optimizer"] != optimizer_registry.BASELINE and not e[f"{key}_beyond_spread"]
             ]
             parts = []
             if better:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import input_pipeline, reporting, runtime, steps, trainer, variants
+from experiments import input_pipeline, optimizer_registry, reporting, runtime, steps, trainer
 from experiments.config import TrainConfig
 from experiments.papers import common, harness
 from sam_optax import sharpness
@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LatePhaseFashionConfig:
 def arms(args: LatePhaseFashionConfig) -> dict[str, tuple[str, int]]:
     """Arm name -> (optimizer, SAM start epoch)."""
     return {
-        "sgd": (variants.BASELINE, 0),
+        "sgd": (optimizer_registry.BASELINE, 0),
         "sam": (SAM, 0),
         "late": (SAM, args.epochs - args.sam_epochs),
     }
@@ -151,7 +151,7 @@ def run_config(args: LatePhaseFashionConfig, arm: str, seed: int) -> TrainConfig
         model=args.model,
         model_kwargs=args.model_kwargs,
         optimizer=optimizer,
-        rho=args.rho if optimizer != variants.BASELINE else None,
+        rho=args.rho if optimizer != optimizer_registry.BASELINE else None,
         sam_start_epoch=start,
         learning_rate=args.learning_rate,
         lr_schedule="multistep",
@@ -305,7 +305,7 @@ def plot(rows, summary, args, out) -> None:
     plt = reporting.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(arms(args))
-    colors = {"sgd": common.BASELINE_COLOR, "sam": variants.get(SAM).color, "late": "C2"}
+    colors = {"sgd": common.BASELINE_COLOR, "sam": optimizer_registry.get(SAM).color, "late": "C2"}
     x = np.arange(len(names))
     for ax, key, label, scale in (
         (axes[0], "test_acc", "final test accuracy (%)", 100.0),

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import reporting, variants
+from experiments import optimizer_registry, reporting
 from experiments.papers import common
 
 # Gradient descent and the StableSAM paper's variants (labels and colours from the registry).
@@ -165,7 +165,7 @@ def exact_iterations(
 def build_optimizer(method: str, rho: float, lr: jax.Array) -> optax.GradientTransformation:
     if common.is_baseline(method):
         return optax.chain(optax.sgd(lr))
-    return optax.chain(variants.get(method).build(rho), optax.sgd(lr))
+    return optax.chain(optimizer_registry.get(method).build(rho), optax.sgd(lr))
 
 
 def run_grid(
