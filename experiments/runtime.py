@@ -1,5 +1,6 @@
 """What every command line of the experiments shares: exit statuses, the one mapping from an
-exception to a status, and the description of the machine a result was measured on.
+exception to a status, the console log, and the description of the machine a result was
+measured on.
 
 Exit statuses: 0 done, 1 the run could not go on (e.g. a checkpoint that cannot be written),
 2 bad input (flags, data, output folder), 3 diverged (NaN or infinite loss or parameters).
@@ -53,6 +54,16 @@ def fail_on(error: BaseException) -> NoReturn:
     if status is None:
         raise error
     fail(error, status)
+
+
+def log(*args: Any) -> None:
+    """Prints on the main process, above any progress bar."""
+    from experiments.parallel import is_main_process  # imports JAX
+
+    if is_main_process():
+        from tqdm.auto import tqdm
+
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import optimizer_registry, reporting, run_dir, runtime
+from experiments import metrics_log, optimizer_registry, reporting, run_dir, runtime
 from experiments.config import TrainConfig
 from experiments.runtime import ExitStatus
 
@@ -402,7 +402,7 @@ def write_results(
 
 
 def _read_rows(folder: str) -> list[dict[str, Any]]:
-    return run_dir.read_metrics(os.path.join(folder, run_dir.METRICS_JSONL))
+    return metrics_log.read_metrics(os.path.join(folder, run_dir.METRICS_JSONL))
 
 
 def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:

@@ -26,8 +26,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from experiments import (
+    checkpoints,
+    input_pipeline,
+    metrics_log,
+    models,
+    optimizers,
+    parallel,
+    run_dir,
+    run_summary,
+    runtime,
+    steps,
+)
 from experiments import config as config_lib
-from experiments import input_pipeline, models, optimizers, parallel, run_dir, steps
 from experiments.config import TrainConfig
 from experiments.parallel import put_global
 from experiments.steps import TrainState
@@ -284,7 +295,7 @@ def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
         .compile()
     )
     seconds = time.perf_counter() - t0
-    run_dir.log(f"Compiled the train step in {seconds:.1f} s.")
+    runtime.log(f"Compiled the train step in {seconds:.1f} s.")
     return compiled, seconds
 
 
@@ -384,14 +395,14 @@ def train_and_evaluate(
         dataset = dataset if dataset is not None else load_dataset(config)
         experiment = create_experiment(config, dataset)
         output_dir.open(experiment.num_devices)  # every check passed: the first write
-        run_dir.log(
+        runtime.log(
             f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
             f"{config.optimizer} "
             f"(rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
             f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
             f"{config.batch_size // experiment.num_devices} images per device per step"
         )
-        with run_dir.checkpoints(config) as manager:
+        with checkpoints.checkpoints(config) as manager:
             return _train(experiment, manager, wall_start)
 
 
@@ -407,8 +418,8 @@ def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
 def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str, Any]:
     """The epochs of a run in its opened output directory; returns its summary."""
     config = experiment.config
-    state, start_epoch = run_dir.restore_latest(manager, config, experiment.state)
-    log = run_dir.MetricsLog(
+    state, start_epoch = checkpoints.restore_latest(manager, config, experiment.state)
+    log = metrics_log.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
     compiled: dict[int, Callable] = {}  # id of the jitted step -> its compiled program
@@ -432,20 +443,20 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
             row["train_images_per_s"] = experiment.steps_per_epoch * config.batch_size / seconds
             row["compile_time_s"] = compile_time
             log.append(row)
-            run_dir.log(run_dir.epoch_line(row, config.epochs))
+            runtime.log(metrics_log.epoch_line(row, config.epochs))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:
-                run_dir.save_checkpoint(manager, epoch + 1, state)
+                checkpoints.save_checkpoint(manager, epoch + 1, state)
     finally:
         log.close()
 
     if stop_epoch < config.epochs and diverged_epoch is None:
-        run_dir.log(
+        runtime.log(
             f"Stopped after epoch {stop_epoch} (--stop-after-epoch). Continue with: "
             f"python -m experiments.train --output-dir {config.output_dir} --resume ..."
         )
         return {"completed": False, "epoch": stop_epoch, "output_dir": config.output_dir}
 
-    summary = run_dir.summarize(
+    summary = run_summary.summarize(
         config,
         log.rows,
         steps_per_epoch=experiment.steps_per_epoch,
@@ -456,8 +467,10 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
         diverged_epoch=diverged_epoch,
     )
     if diverged_epoch is not None:
-        summary["error"] = run_dir.divergence_message(config, diverged_epoch, manager.latest_step())
-    run_dir.write_summary(config, summary)
+        summary["error"] = run_summary.divergence_message(
+            config, diverged_epoch, manager.latest_step()
+        )
+    run_summary.write_summary(config, summary)
     if diverged_epoch is None:
-        run_dir.print_summary(summary)
+        run_summary.print_summary(summary)
     return summary

@@ -14,8 +14,8 @@ import json
 import os
 from typing import Any
 
+from experiments import checkpoints, input_pipeline, metrics_log, run_dir, trainer
 from experiments import config as config_lib
-from experiments import input_pipeline, run_dir, trainer
 from experiments.config import TrainConfig
 from experiments.steps import TrainState
 
@@ -33,7 +33,7 @@ def read_summary(output_dir: str) -> dict[str, Any]:
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:
     """The run's per-epoch rows (``metrics.jsonl``)."""
-    return run_dir.read_metrics(os.path.join(output_dir, run_dir.METRICS_JSONL))
+    return metrics_log.read_metrics(os.path.join(output_dir, run_dir.METRICS_JSONL))
 
 
 def run_or_load(
@@ -59,7 +59,7 @@ def final_state(
     """The experiment of a finished run and its state at the last checkpoint (final epoch)."""
     config = config_lib.resolve(config)
     experiment = trainer.create_experiment(config, dataset)
-    manager = run_dir.checkpoint_manager(config)
+    manager = checkpoints.checkpoint_manager(config)
     try:
         latest = manager.latest_step()
         if latest is None or int(latest) != config.epochs:
@@ -67,7 +67,7 @@ def final_state(
                 f"No checkpoint of the final epoch {config.epochs} in {config.output_dir} "
                 f"(latest: {latest}); rerun it."
             )
-        state = run_dir.restore_checkpoint(manager, latest, like=experiment.state)
+        state = checkpoints.restore_checkpoint(manager, latest, like=experiment.state)
     finally:
         manager.close()
     return experiment, state
