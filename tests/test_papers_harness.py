@@ -13,7 +13,7 @@ import pytest
 
 from experiments import config as config_lib
 from experiments import optimizer_registry
-from experiments.papers import harness, label_noise, late_phase_fashion, refresh_figures
+from experiments.papers import cached_runs, label_noise, late_phase_fashion, refresh_figures
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",
@@ -79,7 +79,7 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     for noise in ("clean", "symmetric50"):
         for run in ("sgd-s0", "sgd-s1", "sam-s0", "sam-s1"):
             assert os.path.exists(os.path.join(out, "runs", noise, run, "summary.json"))
-    noisy = harness.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
+    noisy = cached_runs.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
     assert noisy["label_noise"] == 0.5 and noisy["noisy_labels"] == 24
     assert len(info["table"]) == 4
     with open(os.path.join(out, "table.md")) as f:
@@ -108,24 +108,24 @@ def test_is_done_needs_the_summary_and_refuses_another_config(tmp_path):
     config = config_lib.resolve(
         config_lib.TrainConfig(dataset="digits", optimizer="sam", output_dir=str(tmp_path))
     )
-    assert not harness.is_done(config)
+    assert not cached_runs.is_done(config)
     (tmp_path / "config.json").write_text(config.replace(progress=False).to_json())
-    assert not harness.is_done(config)  # no summary: unfinished
+    assert not cached_runs.is_done(config)  # no summary: unfinished
     (tmp_path / "summary.json").write_text(json.dumps({"completed": True}))
     # Fields that do not change the numbers are ignored; the others are not.
-    assert harness.is_done(config)
-    assert harness.is_done(config.replace(overwrite=True, log_every_steps=7))
+    assert cached_runs.is_done(config)
+    assert cached_runs.is_done(config.replace(overwrite=True, log_every_steps=7))
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "device_count": 1}))
-    assert harness.is_done(config)  # extra keys beside the flags do not count
+    assert cached_runs.is_done(config)  # extra keys beside the flags do not count
     # A finished run of another configuration is refused, naming the fields that differ.
     with pytest.raises(config_lib.ConfigError, match="rho: saved"):
-        harness.is_done(config.replace(rho=0.1))
+        cached_runs.is_done(config.replace(rho=0.1))
     with pytest.raises(config_lib.ConfigError, match="label_noise: saved"):
-        harness.is_done(config.replace(label_noise=0.4))
+        cached_runs.is_done(config.replace(label_noise=0.4))
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(config_lib.ConfigError, match="garbled"):
-        harness.is_done(config)
+        cached_runs.is_done(config)
 
 
 def _fake_results(means: dict[tuple[str, float], list[float]]) -> list[dict]:
@@ -243,7 +243,7 @@ def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
     for row in rows.values():
         assert 0 <= row["test_acc"] <= 1
         assert np.isfinite(row["top_eigenvalue"]) and row["top_eigenvalue"] > 0
-    late = harness.read_metrics(os.path.join(out, "runs", "late-s0"))
+    late = cached_runs.read_metrics(os.path.join(out, "runs", "late-s0"))
     assert [m["rho"] for m in late] == [0.0, 0.05]  # SGD first, SAM for the last epoch
     with open(os.path.join(out, "late_phase_fashion.md")) as f:
         assert "## Findings" in f.read()

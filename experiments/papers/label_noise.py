@@ -38,7 +38,7 @@ import numpy as np
 from experiments import config as config_lib
 from experiments import optimizer_registry, reporting, runtime, trainer
 from experiments.config import TrainConfig
-from experiments.papers import common, harness
+from experiments.papers import cached_runs, common
 
 NAME = "label_noise"
 
@@ -241,9 +241,9 @@ def run_all(args: LabelNoiseConfig) -> list[dict[str, Any]]:
         for optimizer in args.optimizers:
             for seed in range(args.seeds):
                 config = config_lib.resolve(run_config(args, optimizer, rate, seed))
-                if dataset is None and not harness.is_done(config):
+                if dataset is None and not cached_runs.is_done(config):
                     dataset = trainer.load_dataset(config)
-                summary, rows, trained = harness.run_or_load(config, dataset)
+                summary, rows, trained = cached_runs.run_or_load(config, dataset)
                 print(
                     f"{noise_tag(rate, args.noise_mode)} {optimizer} s{seed}: "
                     f"{'trained' if trained else 'done already'}, test "

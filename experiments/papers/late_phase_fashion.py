@@ -34,7 +34,7 @@ import numpy as np
 from experiments import config as config_lib
 from experiments import input_pipeline, optimizer_registry, reporting, runtime, steps, trainer
 from experiments.config import TrainConfig
-from experiments.papers import common, harness
+from experiments.papers import cached_runs, common
 from sam_optax import sharpness
 
 NAME = "late_phase_fashion"
@@ -207,8 +207,8 @@ def run_all(args: LatePhaseFashionConfig) -> list[dict[str, Any]]:
             config = config_lib.resolve(run_config(args, arm, seed))
             if dataset is None:
                 dataset = trainer.load_dataset(config)  # the same data for every run
-            summary, metrics, trained = harness.run_or_load(config, dataset)
-            experiment, state = harness.final_state(config, dataset)
+            summary, metrics, trained = cached_runs.run_or_load(config, dataset)
+            experiment, state = cached_runs.final_state(config, dataset)
             if measure is None:
                 measure = make_measure(experiment, dataset, args)
             params = jax.device_get(state.params)

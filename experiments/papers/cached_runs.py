@@ -1,5 +1,5 @@
-"""The papers' experiments on real data run through the training harness: one run per config
-under a folder of its own, skipped when it is already done with the same configuration.
+"""The papers' training runs, each under a folder of its own and read back instead of retrained
+once finished (by the rule of :func:`experiments.run_dir.finished_summary`).
 
 * :func:`run_or_load` -- trains a run with :func:`experiments.trainer.train_and_evaluate`
   unless its folder already holds it, finished (:func:`experiments.run_dir.finished_summary`:
