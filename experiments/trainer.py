@@ -72,15 +72,18 @@ class Experiment:
     rho: float | optax.Schedule
     num_params: int
     noisy_labels: int = 0  # training labels that label noise changed
-    # With --sam-start-epoch: the step of the epochs before SAM starts, compiled with rho = 0 so
-    # that it is the base optimizer's program. (The rho schedule alone would skip the second pass
-    # at run time too, behind a lax.cond; XLA:CPU runs convolutions inside a conditional many
-    # times slower.) Same state, same numbers.
+    # The step of the epochs before --sam-start-epoch, where :func:`_separate_step_before_sam`.
     train_step_before_sam: Callable | None = None
+
+    def phase_at(self, epoch: int) -> str:
+        """Which train step `epoch` runs: ``"before_sam"`` or ``"main"``."""
+        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+            return "before_sam"
+        return "main"
 
     def train_step_at(self, epoch: int) -> Callable:
         """The train step of `epoch`."""
-        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+        if self.phase_at(epoch) == "before_sam":
             return self.train_step_before_sam
         return self.train_step
 
@@ -220,7 +223,7 @@ def create_experiment(
         )
 
     train_step_before_sam = None
-    if uses_sam and config.sam_start_epoch:
+    if _separate_step_before_sam(config):
         tx_before_sam = optimizers.build_optimizer(
             config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch
         )
@@ -242,6 +245,14 @@ def create_experiment(
         noisy_labels=dataset.noisy_labels,
         train_step_before_sam=train_step_before_sam,
     )
+
+
+def _separate_step_before_sam(config: TrainConfig) -> bool:
+    """Whether the epochs before --sam-start-epoch run their own step, compiled with rho = 0 (the
+    base optimizer's program; same state, same numbers) rather than the SAM step whose rho
+    schedule skips the second pass behind a ``lax.cond``: XLA:CPU runs convolutions inside a
+    conditional much slower (https://github.com/jax-ml/jax/issues/12868)."""
+    return optimizers.uses_sam(config) and config.sam_start_epoch > 0
 
 
 def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, float]:
@@ -422,7 +433,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     log = metrics_log.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    compiled: dict[int, Callable] = {}  # id of the jitted step -> its compiled program
+    compiled: dict[str, Callable] = {}  # Experiment.phase_at(epoch) -> its compiled program
     stop_epoch = config.epochs
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
@@ -430,7 +441,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
-            key, compile_time = id(experiment.train_step_at(epoch)), 0.0
+            key, compile_time = experiment.phase_at(epoch), 0.0
             if key not in compiled:  # the first epoch, and the epoch SAM starts at
                 compiled[key], compile_time = _compile_train_step(experiment, state, epoch)
             state, row, seconds = train_epoch(experiment, compiled[key], state, epoch)
