@@ -52,18 +52,27 @@ def uses_sam(config: TrainConfig) -> bool:
 
 
 def build_optimizer(
-    config: TrainConfig, steps_per_epoch: int, *, axis_name: str | None = AXIS
+    config: TrainConfig,
+    steps_per_epoch: int,
+    *,
+    axis_name: str | None = AXIS,
+    learning_rate: optax.Schedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``chain(variant(...), add_decayed_weights(wd), sgd(schedule, momentum))`` for the config.
+
+    `learning_rate`: the run's schedule where the caller holds it already (built from the config
+    otherwise).
 
     For ``sgd`` the SAM part is left out and the caller averages the gradient over devices. For
     the SAM variants, `axis_name` makes every device ascend with its own gradient and
     the transformation return the SAM gradient averaged over the axis.
     """
+    if learning_rate is None:
+        learning_rate = learning_rate_schedule(config, steps_per_epoch)
     tail = [
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(
-            learning_rate_schedule(config, steps_per_epoch),
+            learning_rate,
             momentum=config.momentum or None,
             nesterov=config.nesterov,
         ),

@@ -187,7 +187,8 @@ def create_experiment(
         dtype=dtype,
         **config_lib.model_kwargs(config),
     )
-    tx = optimizers.build_optimizer(config, steps_per_epoch)
+    learning_rate = optimizers.learning_rate_schedule(config, steps_per_epoch)
+    tx = optimizers.build_optimizer(config, steps_per_epoch, learning_rate=learning_rate)
     preprocess = steps.Preprocess(
         mean=tuple(float(m) for m in dataset.mean),
         std=tuple(float(s) for s in dataset.std),
@@ -225,7 +226,7 @@ def create_experiment(
     train_step_before_sam = None
     if _separate_step_before_sam(config):
         tx_before_sam = optimizers.build_optimizer(
-            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch
+            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch, learning_rate=learning_rate
         )
         train_step_before_sam = sharded_train_step(tx_before_sam)
     eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
@@ -239,7 +240,7 @@ def create_experiment(
         evaluate=parallel.shard_evaluate(eval_fn, mesh),
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
-        learning_rate=optimizers.learning_rate_schedule(config, steps_per_epoch),
+        learning_rate=learning_rate,
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
