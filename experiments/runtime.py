@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from experiments import config as config_lib
@@ -64,6 +65,15 @@ def log(*args: Any) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """Runs a script's `main` as a command line: a known error ends it with its exit status and
+    one ``error: ...`` line (:func:`exit_status`)."""
+    try:
+        main()
+    except Exception as e:
+        fail_on(e)
 
 
 # --------------------------------------------------------------------------------------------
