@@ -14,17 +14,17 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from experiments import input_pipeline, models, presets, variants
+from experiments import input_pipeline, models, optimizer_registry, presets
 
 # Defined once, where they live: the data sets the pipeline loads, the models of the zoo and the
 # optimizers of the variant registry.
 DATASETS: tuple[str, ...] = input_pipeline.DATASETS
 LABEL_NOISE_MODES: tuple[str, ...] = input_pipeline.LABEL_NOISE_MODES
 MODELS: tuple[str, ...] = tuple(models.MODELS)
-OPTIMIZERS: tuple[str, ...] = variants.optimizer_names()
+OPTIMIZERS: tuple[str, ...] = optimizer_registry.optimizer_names()
 
 # Data-set dependent defaults. CIFAR: the StableSAM protocol (200 epochs, batch 128, lr 0.1,
 # 5,000 validation images, random crops with 4 pixels of padding). The embedded sets are tiny,
@@ -117,10 +117,15 @@ class TrainConfig:
         choices=("float32", "bfloat16"),
     )
     # Optimizer.
-    optimizer: str = _field("ssam", variants.optimizer_help(), choices=OPTIMIZERS)
+    optimizer: str = _field(
+        "stable_sam",
+        optimizer_registry.optimizer_help(),
+        choices=OPTIMIZERS,
+        parse=optimizer_registry.canonical_name,
+    )
     rho: float | None = _field(
         None,
-        "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and ssam-asam.",
+        "Radius of the SAM ascent. Default: 0.05, or 0.5 for asam and stable_asam.",
     )
     adaptive: bool = _field(
         False, "Force the adaptive (ASAM) scaling T = |w| + eta on any SAM optimizer."
@@ -249,16 +254,6 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown TrainConfig fields {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**values)
-
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -287,9 +282,9 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
 
 
 def run_name(config: TrainConfig) -> str:
-    """A readable directory name for a run, e.g. ``cifar10-resnet18-ssam-rho0.05-s0``."""
+    """A readable directory name for a run, e.g. ``cifar10-resnet18-stable_sam-rho0.05-s0``."""
     parts = [config.dataset, config.model, config.optimizer]
-    if config.optimizer != variants.BASELINE:
+    if config.optimizer != optimizer_registry.BASELINE:
         parts.append(f"rho{config.rho:g}" if config.rho is not None else "")
     parts.append(f"s{config.seed}")
     return "-".join(p for p in parts if p)
@@ -299,6 +294,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fills in the data-set/optimizer defaults and checks the values; returns a new config."""
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"Unknown --dataset {config.dataset!r}; choose one of {DATASETS}.")
+    config = dataclasses.replace(
+        config, optimizer=optimizer_registry.canonical_name(config.optimizer)
+    )
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown --optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}.")
     defaults = DATASET_DEFAULTS[config.dataset]
@@ -307,7 +305,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if getattr(config, name) is None:
             changes[name] = defaults[name]
     if config.rho is None:
-        changes["rho"] = variants.default_rho(config.optimizer)
+        changes["rho"] = optimizer_registry.default_rho(config.optimizer)
     config = dataclasses.replace(config, **changes)
     if not config.output_dir:
         config = dataclasses.replace(config, output_dir=f"runs/{run_name(config)}")
@@ -325,12 +323,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--eta must be >= 0 (ASAM's T = |w| + eta), got {config.eta}.")
     if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
         errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
-    if config.optimizer == variants.BASELINE:
+    if config.optimizer == optimizer_registry.BASELINE:
         if config.sam_start_epoch:
             errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
         if config.adaptive:
             errors.append("--adaptive needs a SAM optimizer, e.g. --optimizer sam.")
-    elif config.adaptive and "adaptive" not in variants.get(config.optimizer).knobs:
+    elif config.adaptive and "adaptive" not in optimizer_registry.get(config.optimizer).knobs:
         errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
     if not 0 <= config.sam_start_epoch < config.epochs:
         errors.append(
@@ -485,7 +483,7 @@ def add_arguments(
         else:
             parser.add_argument(
                 flag,
-                type=kind,
+                type=f.metadata.get("parse", kind),
                 default=default,
                 choices=f.metadata.get("choices"),
                 help=help_text,

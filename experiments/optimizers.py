@@ -1,8 +1,8 @@
 """The optimizer of a run, from its configuration and the variant registry.
 
 ``optax.chain(variant(rho schedule), add_decayed_weights(wd), sgd(lr schedule, momentum))``:
-the SAM variant (see :mod:`experiments.variants`) replaces the gradient, the rest is the base
-optimizer every variant shares. Late-phase SAM is a rho schedule (0, then rho).
+the SAM variant (see :mod:`experiments.optimizer_registry`) replaces the gradient, the rest is
+the base optimizer every variant shares. Late-phase SAM is a rho schedule (0, then rho).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import config as config_lib
-from experiments import variants
+from experiments import optimizer_registry
 from experiments.config import TrainConfig
 from experiments.steps import AXIS
 
@@ -48,29 +48,38 @@ def rho_schedule(config: TrainConfig, steps_per_epoch: int) -> float | optax.Sch
 
 def uses_sam(config: TrainConfig) -> bool:
     """Whether the run has an ascent (every optimizer but the SGD baseline)."""
-    return config.optimizer != variants.BASELINE
+    return config.optimizer != optimizer_registry.BASELINE
 
 
 def build_optimizer(
-    config: TrainConfig, steps_per_epoch: int, *, axis_name: str | None = AXIS
+    config: TrainConfig,
+    steps_per_epoch: int,
+    *,
+    axis_name: str | None = AXIS,
+    learning_rate: optax.Schedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``chain(variant(...), add_decayed_weights(wd), sgd(schedule, momentum))`` for the config.
+
+    `learning_rate`: the run's schedule where the caller holds it already (built from the config
+    otherwise).
 
     For ``sgd`` the SAM part is left out and the caller averages the gradient over devices. For
     the SAM variants, `axis_name` makes every device ascend with its own gradient and
     the transformation return the SAM gradient averaged over the axis.
     """
+    if learning_rate is None:
+        learning_rate = learning_rate_schedule(config, steps_per_epoch)
     tail = [
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(
-            learning_rate_schedule(config, steps_per_epoch),
+            learning_rate,
             momentum=config.momentum or None,
             nesterov=config.nesterov,
         ),
     ]
     if not uses_sam(config):
         return optax.chain(*tail)
-    variant = variants.get(config.optimizer)
+    variant = optimizer_registry.get(config.optimizer)
     options = variant.options(config)
     if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
         options["adaptive"] = True

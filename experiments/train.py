@@ -6,16 +6,16 @@ Examples::
   python -m experiments.train --preset demo --output-dir runs/demo
 
   # A paper configuration (StableSAM on ResNet-18, CIFAR-10, 200 epochs, all local GPUs).
-  python -m experiments.train --preset stablesam-cifar10-resnet18 --output-dir runs/r18-ssam
+  python -m experiments.train --preset stablesam-cifar10-resnet18 --output-dir runs/r18-stable-sam
 
   # After a preemption, continue exactly where the last checkpoint left off.
   python -m experiments.train ...same flags... --resume
 
 Run ``python -m experiments.train --help`` for every flag and preset.
 
-Exit status: 0 done (or stopped by --stop-after-epoch), 2 bad input (flags, data, output
-folder), 3 diverged (NaN or infinite loss or parameters), 1 the run could not go on (e.g. a
-checkpoint that cannot be written). Errors print one ``error: ...`` message, no traceback.
+Exit status (:class:`experiments.runtime.ExitStatus`): 0 done (or stopped by
+--stop-after-epoch), 1 the run could not go on, 2 bad input, 3 diverged. Errors print one
+``error: ...`` message, no traceback.
 """
 
 from __future__ import annotations
@@ -26,18 +26,11 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from experiments import config as config_lib
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_RUN_FAILED = 1
-
-
-def _fail(message: Any, status: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
+from experiments import runtime
+from experiments.runtime import ExitStatus
 
 
 @contextlib.contextmanager
@@ -62,19 +55,16 @@ def _sigterm_exits() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_lib.parse_args(argv)
     # Imported after parsing so that --help answers before JAX starts a backend.
-    from experiments import run_dir, trainer
+    from experiments import trainer
 
     try:
         # Resolves the config and starts the multi-host runtime (before any other JAX call).
         with _sigterm_exits():
             summary = trainer.train_and_evaluate(config)
-    except (config_lib.ConfigError, FileExistsError, FileNotFoundError, PermissionError) as e:
-        # Flag, output-directory and data problems: the message, not a traceback.
-        _fail(e, EXIT_BAD_INPUT)
-    except (run_dir.RunError, OSError) as e:
-        _fail(e, EXIT_RUN_FAILED)
+    except Exception as e:
+        runtime.fail_on(e)
     if summary.get("diverged"):
-        _fail(summary["error"], EXIT_DIVERGED)
+        runtime.fail(summary["error"], ExitStatus.DIVERGED)
     return summary
 
 

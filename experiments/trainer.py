@@ -26,8 +26,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from experiments import (
+    checkpoints,
+    input_pipeline,
+    metrics_log,
+    models,
+    optimizers,
+    parallel,
+    run_dir,
+    run_summary,
+    runtime,
+    steps,
+)
 from experiments import config as config_lib
-from experiments import input_pipeline, models, optimizers, parallel, run_dir, steps
 from experiments.config import TrainConfig
 from experiments.parallel import put_global
 from experiments.steps import TrainState
@@ -61,15 +72,18 @@ class Experiment:
     rho: float | optax.Schedule
     num_params: int
     noisy_labels: int = 0  # training labels that label noise changed
-    # With --sam-start-epoch: the step of the epochs before SAM starts, compiled with rho = 0 so
-    # that it is the base optimizer's program. (The rho schedule alone would skip the second pass
-    # at run time too, behind a lax.cond; XLA:CPU runs convolutions inside a conditional many
-    # times slower.) Same state, same numbers.
+    # The step of the epochs before --sam-start-epoch, where :func:`_separate_step_before_sam`.
     train_step_before_sam: Callable | None = None
+
+    def phase_at(self, epoch: int) -> str:
+        """Which train step `epoch` runs: ``"before_sam"`` or ``"main"``."""
+        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+            return "before_sam"
+        return "main"
 
     def train_step_at(self, epoch: int) -> Callable:
         """The train step of `epoch`."""
-        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
+        if self.phase_at(epoch) == "before_sam":
             return self.train_step_before_sam
         return self.train_step
 
@@ -173,7 +187,8 @@ def create_experiment(
         dtype=dtype,
         **config_lib.model_kwargs(config),
     )
-    tx = optimizers.build_optimizer(config, steps_per_epoch)
+    learning_rate = optimizers.learning_rate_schedule(config, steps_per_epoch)
+    tx = optimizers.build_optimizer(config, steps_per_epoch, learning_rate=learning_rate)
     preprocess = steps.Preprocess(
         mean=tuple(float(m) for m in dataset.mean),
         std=tuple(float(s) for s in dataset.std),
@@ -209,9 +224,9 @@ def create_experiment(
         )
 
     train_step_before_sam = None
-    if uses_sam and config.sam_start_epoch:
+    if _separate_step_before_sam(config):
         tx_before_sam = optimizers.build_optimizer(
-            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch
+            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch, learning_rate=learning_rate
         )
         train_step_before_sam = sharded_train_step(tx_before_sam)
     eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
@@ -225,12 +240,20 @@ def create_experiment(
         evaluate=parallel.shard_evaluate(eval_fn, mesh),
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
-        learning_rate=optimizers.learning_rate_schedule(config, steps_per_epoch),
+        learning_rate=learning_rate,
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
         train_step_before_sam=train_step_before_sam,
     )
+
+
+def _separate_step_before_sam(config: TrainConfig) -> bool:
+    """Whether the epochs before --sam-start-epoch run their own step, compiled with rho = 0 (the
+    base optimizer's program; same state, same numbers) rather than the SAM step whose rho
+    schedule skips the second pass behind a ``lax.cond``: XLA:CPU runs convolutions inside a
+    conditional much slower (https://github.com/jax-ml/jax/issues/12868)."""
+    return optimizers.uses_sam(config) and config.sam_start_epoch > 0
 
 
 def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, float]:
@@ -284,7 +307,7 @@ def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
         .compile()
     )
     seconds = time.perf_counter() - t0
-    run_dir.log(f"Compiled the train step in {seconds:.1f} s.")
+    runtime.log(f"Compiled the train step in {seconds:.1f} s.")
     return compiled, seconds
 
 
@@ -384,14 +407,14 @@ def train_and_evaluate(
         dataset = dataset if dataset is not None else load_dataset(config)
         experiment = create_experiment(config, dataset)
         output_dir.open(experiment.num_devices)  # every check passed: the first write
-        run_dir.log(
+        runtime.log(
             f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
             f"{config.optimizer} "
             f"(rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
             f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
             f"{config.batch_size // experiment.num_devices} images per device per step"
         )
-        with run_dir.checkpoints(config) as manager:
+        with checkpoints.checkpoints(config) as manager:
             return _train(experiment, manager, wall_start)
 
 
@@ -407,11 +430,11 @@ def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
 def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str, Any]:
     """The epochs of a run in its opened output directory; returns its summary."""
     config = experiment.config
-    state, start_epoch = run_dir.restore_latest(manager, config, experiment.state)
-    log = run_dir.MetricsLog(
+    state, start_epoch = checkpoints.restore_latest(manager, config, experiment.state)
+    log = metrics_log.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    compiled: dict[int, Callable] = {}  # id of the jitted step -> its compiled program
+    compiled: dict[str, Callable] = {}  # Experiment.phase_at(epoch) -> its compiled program
     stop_epoch = config.epochs
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
@@ -419,7 +442,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
-            key, compile_time = id(experiment.train_step_at(epoch)), 0.0
+            key, compile_time = experiment.phase_at(epoch), 0.0
             if key not in compiled:  # the first epoch, and the epoch SAM starts at
                 compiled[key], compile_time = _compile_train_step(experiment, state, epoch)
             state, row, seconds = train_epoch(experiment, compiled[key], state, epoch)
@@ -432,20 +455,20 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
             row["train_images_per_s"] = experiment.steps_per_epoch * config.batch_size / seconds
             row["compile_time_s"] = compile_time
             log.append(row)
-            run_dir.log(run_dir.epoch_line(row, config.epochs))
+            runtime.log(metrics_log.epoch_line(row, config.epochs))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop_epoch:
-                run_dir.save_checkpoint(manager, epoch + 1, state)
+                checkpoints.save_checkpoint(manager, epoch + 1, state)
     finally:
         log.close()
 
     if stop_epoch < config.epochs and diverged_epoch is None:
-        run_dir.log(
+        runtime.log(
             f"Stopped after epoch {stop_epoch} (--stop-after-epoch). Continue with: "
             f"python -m experiments.train --output-dir {config.output_dir} --resume ..."
         )
         return {"completed": False, "epoch": stop_epoch, "output_dir": config.output_dir}
 
-    summary = run_dir.summarize(
+    summary = run_summary.summarize(
         config,
         log.rows,
         steps_per_epoch=experiment.steps_per_epoch,
@@ -456,8 +479,10 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
         diverged_epoch=diverged_epoch,
     )
     if diverged_epoch is not None:
-        summary["error"] = run_dir.divergence_message(config, diverged_epoch, manager.latest_step())
-    run_dir.write_summary(config, summary)
+        summary["error"] = run_summary.divergence_message(
+            config, diverged_epoch, manager.latest_step()
+        )
+    run_summary.write_summary(config, summary)
     if diverged_epoch is None:
-        run_dir.print_summary(summary)
+        run_summary.print_summary(summary)
     return summary

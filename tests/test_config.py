@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiments import config as config_lib
-from experiments import input_pipeline, presets, variants
+from experiments import input_pipeline, optimizer_registry, presets
 from experiments import train as train_cli
 
 
@@ -17,14 +19,18 @@ def test_help_lists_every_flag(capsys):
     for field in config_lib.TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in text
     # The notation trap of the StableSAM paper is spelled out.
-    assert "ssam-usam" in text and "paper" in text
+    assert "stable_usam" in text and "paper" in text
 
 
 def test_resolve_fills_dataset_and_optimizer_defaults():
     default = config_lib.resolve(config_lib.TrainConfig())
-    assert (default.dataset, default.model, default.optimizer) == ("mnist5k", "small_cnn", "ssam")
+    assert (default.dataset, default.model, default.optimizer) == (
+        "mnist5k",
+        "small_cnn",
+        "stable_sam",
+    )
     assert default.epochs == 5 and default.crop_padding == 0 and default.output_dir
-    cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="ssam"))
+    cifar = config_lib.resolve(config_lib.TrainConfig(dataset="cifar10", optimizer="stable_sam"))
     assert cifar.epochs == 200 and cifar.validation_size == 5000 and cifar.rho == 0.05
     assert cifar.crop_padding == 4
     fashion = config_lib.resolve(config_lib.TrainConfig(dataset="fashion_mnist"))
@@ -82,20 +88,36 @@ def test_explicit_flags_override_the_preset():
     assert (config.model, config.optimizer, config.sam_start_epoch) == ("resnet18", "sam", 150)
     assert config.epochs == 170 and config.progress is False
     # A flag given with the value of its default still wins over the preset.
-    assert config_lib.parse_args(["--preset", "demo", "--optimizer", "ssam"]).optimizer == "ssam"
+    assert (
+        config_lib.parse_args(["--preset", "demo", "--optimizer", "stable_sam"]).optimizer
+        == "stable_sam"
+    )
     stable = config_lib.parse_args(["--preset", "stablesam-cifar10-resnet18", "--optimizer=sgd"])
     assert stable.optimizer == "sgd" and stable.rho == 0.1
     assert config_lib.parse_args([]) == config_lib.TrainConfig()
 
 
 def test_cli_choices_come_from_the_registries():
-    assert config_lib.OPTIMIZERS == ("sgd", *variants.VARIANTS)
+    assert config_lib.OPTIMIZERS == ("sgd", *optimizer_registry.VARIANTS)
     fields = {f.name: f for f in config_lib.dataclasses.fields(config_lib.TrainConfig)}
     assert fields["optimizer"].metadata["choices"] == config_lib.OPTIMIZERS
-    for name in variants.VARIANTS:
+    for name in optimizer_registry.VARIANTS:
         assert name in fields["optimizer"].metadata["help"]
 
 
 def test_config_data_sets_and_noise_modes_match_the_input_pipeline():
     assert set(config_lib.DATASETS) == set(config_lib.DATASET_DEFAULTS)
     assert config_lib.LABEL_NOISE_MODES == input_pipeline.LABEL_NOISE_MODES
+
+
+def test_old_optimizer_names_are_deprecated_aliases(capsys):
+    config = config_lib.parse_args(["--optimizer", "ssam-usam"])
+    assert config.optimizer == "stable_usam"
+    assert "deprecated" in capsys.readouterr().err
+    assert config_lib.resolve(config_lib.TrainConfig(optimizer="fsam")).optimizer == "friendly_sam"
+    # A run folder saved under an old spelling compares equal to the current name.
+    resolved = config_lib.resolve(config_lib.TrainConfig(optimizer="stable_sam", output_dir="x"))
+    from experiments import run_dir
+
+    saved = json.loads(resolved.replace(optimizer="ssam").to_json())
+    assert run_dir.config_differences(saved, resolved) == []

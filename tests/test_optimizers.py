@@ -10,16 +10,16 @@ import pytest
 
 import sam_optax
 from experiments import config as config_lib
-from experiments import optimizers, variants
+from experiments import optimizer_registry, optimizers
 
 # What each --optimizer name must stand for, written out here apart from the registry.
 EXPECTED_KNOBS: dict[str, dict[str, bool]] = {
     "sam": dict(normalize=True, stable=False, adaptive=False),
-    "ssam": dict(normalize=True, stable=True, adaptive=False),
+    "stable_sam": dict(normalize=True, stable=True, adaptive=False),
     "asam": dict(normalize=True, stable=False, adaptive=True),
-    "ssam-asam": dict(normalize=True, stable=True, adaptive=True),
+    "stable_asam": dict(normalize=True, stable=True, adaptive=True),
     "usam": dict(normalize=False, stable=False, adaptive=False),
-    "ssam-usam": dict(normalize=False, stable=True, adaptive=False),
+    "stable_usam": dict(normalize=False, stable=True, adaptive=False),
 }
 
 
@@ -30,8 +30,8 @@ def tiny_config(**overrides) -> config_lib.TrainConfig:
 
 
 def test_the_registry_holds_the_expected_variants():
-    assert set(EXPECTED_KNOBS) <= set(variants.VARIANTS)
-    for name, variant in variants.VARIANTS.items():
+    assert set(EXPECTED_KNOBS) <= set(optimizer_registry.VARIANTS)
+    for name, variant in optimizer_registry.VARIANTS.items():
         assert variant.name == name and variant.label and variant.color and variant.paper
         assert variant.default_rho > 0
         assert variant.adaptive_rho == variant.knobs.get("adaptive", False)
@@ -77,13 +77,13 @@ def test_learning_rate_schedules():
 # The variants beyond sam(): --optimizer name -> (factory, its keywords from the config's flags).
 EXPECTED_FACTORIES = {
     "gsam": (sam_optax.gsam, dict(alpha=0.1)),
-    "ssam-gsam": (sam_optax.gsam, dict(alpha=0.1, stable=True)),
+    "stable_gsam": (sam_optax.gsam, dict(alpha=0.1, stable=True)),
     "looksam": (sam_optax.looksam, dict(k=5, alpha=0.7)),
-    "ssam-looksam": (sam_optax.looksam, dict(k=5, alpha=0.7, stable=True)),
-    "fsam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9)),
-    "ssam-fsam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9, stable=True)),
+    "stable_looksam": (sam_optax.looksam, dict(k=5, alpha=0.7, stable=True)),
+    "friendly_sam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9)),
+    "stable_friendly_sam": (sam_optax.friendly_sam, dict(sigma=1.0, lmbda=0.9, stable=True)),
     "vasso": (sam_optax.vasso, dict(theta=0.9)),
-    "ssam-vasso": (sam_optax.vasso, dict(theta=0.9, stable=True)),
+    "stable_vasso": (sam_optax.vasso, dict(theta=0.9, stable=True)),
 }
 
 
@@ -117,7 +117,7 @@ def test_new_variants_build_their_factory_with_the_flags(name):
     "changes, message",
     [
         (dict(optimizer="looksam", looksam_k=0), "--looksam-k must be >= 1"),
-        (dict(optimizer="fsam", fsam_lambda=1.5), "--fsam-lambda must be a finite number"),
+        (dict(optimizer="friendly_sam", fsam_lambda=1.5), "--fsam-lambda must be a finite number"),
         (dict(optimizer="vasso", vasso_theta=float("nan")), "--vasso-theta must be a finite"),
         (dict(optimizer="gsam", gsam_alpha=-1.0), "--gsam-alpha must be a finite number"),
     ],

@@ -71,7 +71,7 @@ def test_quadratic_noisy_variant(tmp_path):
             "0.1",
             "--methods",
             "gd",
-            "ssam",
+            "stable_sam",
             "--output-dir",
             out,
         ]
@@ -84,7 +84,7 @@ def test_instability_runs_on_synthetic_and_digits(tmp_path):
     info = instability.main(
         [
             "--datasets", "synthetic", "digits",
-            "--methods", "ssam-usam",
+            "--methods", "stable_usam",
             "--lrs", "0.1", "1.0",
             "--ratio-lr", "0.1",
             "--steps", "6",

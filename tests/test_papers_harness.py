@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import variants
-from experiments.papers import harness, label_noise, late_phase_fashion, refresh_figures
+from experiments import optimizer_registry
+from experiments.papers import cached_runs, label_noise, late_phase_fashion, refresh_figures
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",
@@ -79,7 +79,7 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     for noise in ("clean", "symmetric50"):
         for run in ("sgd-s0", "sgd-s1", "sam-s0", "sam-s1"):
             assert os.path.exists(os.path.join(out, "runs", noise, run, "summary.json"))
-    noisy = harness.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
+    noisy = cached_runs.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
     assert noisy["label_noise"] == 0.5 and noisy["noisy_labels"] == 24
     assert len(info["table"]) == 4
     with open(os.path.join(out, "table.md")) as f:
@@ -94,38 +94,38 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     assert not any(r["trained"] for r in again["results"])
     assert again["table"] == info["table"]
 
-    # A changed rho retrains that optimizer only.
-    changed = label_noise.main(
-        _tiny_label_noise_flags(
-            fashion_dir, out, "--optimizers", "sam", "--seeds", "1", "--noise-rates", "0.5",
-            "--rho", "sam=0.2",
-        )
-    )  # fmt: skip
-    assert [(r["optimizer"], r["trained"]) for r in changed["results"]] == [
-        ("sgd", False),
-        ("sam", True),
-    ]
-    assert changed["results"][1]["rho"] == 0.2
+    # A changed rho is refused, naming the field: the finished run is never silently retrained.
+    with pytest.raises(config_lib.ConfigError, match="rho: saved 0.05, now 0.2"):
+        label_noise.main(
+            _tiny_label_noise_flags(
+                fashion_dir, out, "--optimizers", "sam", "--seeds", "1", "--noise-rates", "0.5",
+                "--rho", "sam=0.2",
+            )
+        )  # fmt: skip
 
 
-def test_is_done_needs_the_summary_and_the_same_config(tmp_path):
+def test_is_done_needs_the_summary_and_refuses_another_config(tmp_path):
     config = config_lib.resolve(
         config_lib.TrainConfig(dataset="digits", optimizer="sam", output_dir=str(tmp_path))
     )
-    assert not harness.is_done(config)
+    assert not cached_runs.is_done(config)
     (tmp_path / "config.json").write_text(config.replace(progress=False).to_json())
-    assert not harness.is_done(config)  # no summary: unfinished
+    assert not cached_runs.is_done(config)  # no summary: unfinished
     (tmp_path / "summary.json").write_text(json.dumps({"completed": True}))
     # Fields that do not change the numbers are ignored; the others are not.
-    assert harness.is_done(config)
-    assert harness.is_done(config.replace(overwrite=True, log_every_steps=7))
+    assert cached_runs.is_done(config)
+    assert cached_runs.is_done(config.replace(overwrite=True, log_every_steps=7))
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "device_count": 1}))
-    assert harness.is_done(config)  # extra keys beside the flags do not count
-    assert not harness.is_done(config.replace(rho=0.1))
-    assert not harness.is_done(config.replace(label_noise=0.4))
+    assert cached_runs.is_done(config)  # extra keys beside the flags do not count
+    # A finished run of another configuration is refused, naming the fields that differ.
+    with pytest.raises(config_lib.ConfigError, match="rho: saved"):
+        cached_runs.is_done(config.replace(rho=0.1))
+    with pytest.raises(config_lib.ConfigError, match="label_noise: saved"):
+        cached_runs.is_done(config.replace(label_noise=0.4))
     (tmp_path / "config.json").write_text("{broken")
-    assert not harness.is_done(config)
+    with pytest.raises(config_lib.ConfigError, match="garbled"):
+        cached_runs.is_done(config)
 
 
 def _fake_results(means: dict[tuple[str, float], list[float]]) -> list[dict]:
@@ -194,16 +194,22 @@ def test_table_differences_and_the_spread_rule(tmp_path):
 
 def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     args = label_noise.parse_args([])
-    assert set(args.optimizers) >= {"gsam", "looksam", "fsam", "vasso", *variants.protocol_names()}
-    assert args.optimizers[0] == variants.BASELINE
-    assert {"usam", "ssam-usam"} <= set(args.optimizers)
+    assert set(args.optimizers) >= {
+        "gsam",
+        "looksam",
+        "friendly_sam",
+        "vasso",
+        *optimizer_registry.protocol_names(),
+    }
+    assert args.optimizers[0] == optimizer_registry.BASELINE
+    assert {"usam", "stable_usam"} <= set(args.optimizers)
     assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
         "fashion_mnist", "mlp", 5000, 25, 3,
     )  # fmt: skip
     assert args.noise_rates == (0.0, 0.4) and args.rho == {}
     config = label_noise.run_config(args, "asam", 0.4, 2)
     assert config.output_dir.endswith(os.path.join("runs", "symmetric40", "asam-s2"))
-    assert config_lib.resolve(config).rho == variants.default_rho("asam")
+    assert config_lib.resolve(config).rho == optimizer_registry.default_rho("asam")
     overridden = label_noise.parse_args(["--rho", "sam=0.1", "--epochs", "5"])
     assert overridden.rho == {"sam": 0.1} and overridden.epochs == 5
     with pytest.raises(SystemExit):
@@ -237,7 +243,7 @@ def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
     for row in rows.values():
         assert 0 <= row["test_acc"] <= 1
         assert np.isfinite(row["top_eigenvalue"]) and row["top_eigenvalue"] > 0
-    late = harness.read_metrics(os.path.join(out, "runs", "late-s0"))
+    late = cached_runs.read_metrics(os.path.join(out, "runs", "late-s0"))
     assert [m["rho"] for m in late] == [0.0, 0.05]  # SGD first, SAM for the last epoch
     with open(os.path.join(out, "late_phase_fashion.md")) as f:
         assert "## Findings" in f.read()

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from experiments import config as config_lib
+from experiments import optimizer_registry
 from experiments import sweep as sweep_lib
-from experiments import variants
 
 
 def fake_train(calls: list):
@@ -22,7 +22,7 @@ def fake_train(calls: list):
         # Best SGD grid point: lr 0.05, wd 5e-4. Best rho: 0.1 (0.5 for ASAM). Seeds add noise.
         val = 0.8 - abs(config.learning_rate - 0.05) - abs(config.weight_decay - 5e-4) * 10
         if config.optimizer != "sgd":
-            best_rho = 0.5 if variants.get(config.optimizer).adaptive_rho else 0.1
+            best_rho = 0.5 if optimizer_registry.get(config.optimizer).adaptive_rho else 0.1
             val += 0.05 - abs(config.rho - best_rho) * 0.01
         val += 0.001 * config.seed
         test = val - 0.01
@@ -54,11 +54,11 @@ def test_protocol_selects_on_validation_and_reports_seeds(tmp_path):
     table = sweep_lib.run_sweep(sweep, train_fn=fake_train(calls))
     # 9 grid runs, 3 rhos x 6 variants, then 2 new seeds for each of the 7 optimizers.
     assert len(calls) == 9 + 18 + 14
-    assert [row["optimizer"] for row in table] == ["sgd", *variants.protocol_names()]
+    assert [row["optimizer"] for row in table] == ["sgd", *optimizer_registry.protocol_names()]
     for row in table:
         assert (row["learning_rate"], row["weight_decay"], row["seeds"]) == (0.05, 5e-4, 3)
         if row["optimizer"] != "sgd":
-            assert row["rho"] == (0.5 if row["optimizer"] in ("asam", "ssam-asam") else 0.1)
+            assert row["rho"] == (0.5 if row["optimizer"] in ("asam", "stable_asam") else 0.1)
         assert row["test_accuracy_std"] == pytest.approx(0.1)  # seeds 0, 1, 2: 0.1% apart
     # Every run saw the same swept knobs it was asked for, with the base flags kept.
     assert all(c.dataset == "cifar10" and c.model == "resnet18" and c.resume for c in calls)
@@ -66,7 +66,7 @@ def test_protocol_selects_on_validation_and_reports_seeds(tmp_path):
     assert {c.sam_start_epoch for c in calls if c.optimizer != "sgd"} == {1}
 
     markdown = (tmp_path / "sweep" / "table.md").read_text()
-    assert "| ssam-usam | 0.1 | 0.05 | 0.0005 |" in markdown and "±" in markdown
+    assert "| stable_usam | 0.1 | 0.05 | 0.0005 |" in markdown and "±" in markdown
     with open(tmp_path / "sweep" / "table.csv") as f:
         assert len(list(csv.DictReader(f))) == 7
     with open(tmp_path / "sweep" / "results.csv") as f:
@@ -121,25 +121,25 @@ def test_tiny_sweep_end_to_end_on_mock_data(tmp_path):
         "--no-progress",
         "--lrs=0.1",
         "--wds=5e-4",
-        "--optimizers=ssam",
+        "--optimizers=stable_sam",
         "--rhos=0.1",
         "--seeds=2",
     ]
     with tfds.testing.mock_data(num_examples=40):
         table = sweep_lib.main(argv)
-    assert [row["optimizer"] for row in table] == ["sgd", "ssam"]
+    assert [row["optimizer"] for row in table] == ["sgd", "stable_sam"]
     assert all(row["seeds"] == 2 for row in table)
     runs = sorted(os.listdir(out / "runs"))
     assert runs == [
         "sgd-lr0.1-wd0.0005-s0",
         "sgd-lr0.1-wd0.0005-s1",
-        "ssam-lr0.1-wd0.0005-rho0.1-s0",
-        "ssam-lr0.1-wd0.0005-rho0.1-s1",
+        "stable_sam-lr0.1-wd0.0005-rho0.1-s0",
+        "stable_sam-lr0.1-wd0.0005-rho0.1-s1",
     ]
     for run in runs:
         with open(out / "runs" / run / "summary.json") as f:
             summary = json.load(f)
         assert summary["completed"] and 0 <= summary["final_test_accuracy"] <= 1
     markdown = (out / "table.md").read_text()
-    assert "| sgd | - | 0.1 | 0.0005 |" in markdown and "| ssam | 0.1 |" in markdown
+    assert "| sgd | - | 0.1 | 0.0005 |" in markdown and "| stable_sam | 0.1 |" in markdown
     assert (out / "curves.png").stat().st_size > 0

@@ -80,7 +80,7 @@ def assert_trees_equal(a, b):
 # same code path for every variant).
 @pytest.mark.parametrize(
     "optimizer, num_devices",
-    [(name, 8) for name in config_lib.OPTIMIZERS] + [("sgd", 1), ("ssam", 1)],
+    [(name, 8) for name in config_lib.OPTIMIZERS] + [("sgd", 1), ("stable_sam", 1)],
 )
 def test_every_optimizer_trains_data_parallel(dataset, optimizer, num_devices):
     config = tiny_config(optimizer=optimizer, num_devices=num_devices)
@@ -103,7 +103,7 @@ def test_raw_knobs_bfloat16_and_synchronized_batchnorm(dataset):
     # the L-inf ball, StableSAM, bf16 compute, label smoothing, all augmentations and BatchNorm
     # statistics synchronized over the device axis.
     config = tiny_config(
-        optimizer="ssam-asam",
+        optimizer="stable_asam",
         sync_ascent=True,
         ascent_steps=2,
         ascent_norm=float("inf"),
@@ -130,7 +130,7 @@ def test_one_device_step_matches_unsharded_step(dataset):
     # The shard_map wrapper on one device is exactly the plain per-device step, and the BatchNorm
     # statistics come from the first pass only (at the unperturbed weights; a large rho makes
     # the second pass's statistics clearly different).
-    config = tiny_config(optimizer="ssam", rho=5.0, num_devices=1)
+    config = tiny_config(optimizer="stable_sam", rho=5.0, num_devices=1)
     experiment = trainer.create_experiment(config, dataset)
     reference_tx = optimizers.build_optimizer(config, experiment.steps_per_epoch, axis_name=None)
     reference_step = jax.jit(
@@ -200,7 +200,7 @@ def test_late_phase_sam_is_exactly_sgd_before_its_start(dataset):
 
 def test_late_phase_runs_the_base_optimizers_program_before_sam(dataset):
     late = trainer.create_experiment(
-        tiny_config(optimizer="ssam", sam_start_epoch=1, num_devices=8), dataset
+        tiny_config(optimizer="stable_sam", sam_start_epoch=1, num_devices=8), dataset
     )
     assert late.train_step_at(0) is late.train_step_before_sam
     assert late.train_step_at(1) is late.train_step
@@ -261,7 +261,12 @@ def _numbers(rows):
 def test_interrupted_run_resumes_bit_identically(dataset, mock_data_dir, tmp_path, capsys):
     # Late-phase StableSAM on 8 devices: epoch 1 SGD, epoch 2 SSAM; 2 steps per epoch.
     common = dict(
-        optimizer="ssam", sam_start_epoch=1, num_devices=8, crop_padding=2, flip=True, cutout=4
+        optimizer="stable_sam",
+        sam_start_epoch=1,
+        num_devices=8,
+        crop_padding=2,
+        flip=True,
+        cutout=4,
     )
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     summary = trainer.train_and_evaluate(
@@ -284,7 +289,7 @@ def test_interrupted_run_resumes_bit_identically(dataset, mock_data_dir, tmp_pat
         "--batch-size=16",
         "--eval-batch-size=16",
         "--epochs=2",
-        "--optimizer=ssam",
+        "--optimizer=stable_sam",
         "--sam-start-epoch=1",
         "--num-devices=8",
         "--crop-padding=2",
@@ -325,7 +330,7 @@ def test_interrupted_run_resumes_bit_identically(dataset, mock_data_dir, tmp_pat
         saved_summary = json.load(f)
     assert saved_summary["final_test_accuracy"] == resumed_rows[-1]["test_accuracy"]
     with open(os.path.join(resumed_dir, run_dir.CONFIG_FILE)) as f:
-        assert json.load(f)["optimizer"] == "ssam"
+        assert json.load(f)["optimizer"] == "stable_sam"
     # keep_checkpoints=2: both epochs are kept.
     assert sorted(os.listdir(os.path.join(resumed_dir, run_dir.CHECKPOINT_DIR))) == ["1", "2"]
 
@@ -340,8 +345,8 @@ def test_refuses_to_reuse_a_non_empty_output_dir(tmp_path, dataset):
 
     # --resume refuses a run started with different numbers.
     (output_dir / run_dir.CONFIG_FILE).write_text(tiny_config(optimizer="sam").to_json())
-    resumed = tiny_config(output_dir=str(output_dir), optimizer="ssam", resume=True)
-    with pytest.raises(ValueError, match="optimizer: saved 'sam', now 'ssam'"):
+    resumed = tiny_config(output_dir=str(output_dir), optimizer="stable_sam", resume=True)
+    with pytest.raises(ValueError, match="optimizer: saved 'sam', now 'stable_sam'"):
         with run_dir.OutputDir(resumed) as out:
             out.check()
 

@@ -15,10 +15,8 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, models, reporting, steps, trainer
+from experiments import input_pipeline, models, reporting, runtime, steps, trainer
 
 # Where a script writes by default (git-ignored). The measurements the READMEs cite are kept in
 # experiments/benchmarks/results/, refreshed with --out-dir experiments/benchmarks/results.
@@ -56,55 +54,9 @@ QUICK_SMALL_CNN = '{"features": [8, 16]}'
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, accelerators and library versions of this run."""
-    devices = jax.devices()
-    info = {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": f"{len(devices)} x {devices[0].device_kind}",
-    }
-    for package in ("jax", "jaxlib", "flax", "optax", "torch"):
-        info[package] = _version(package)
-    return info
-
-
-def _memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def load_average() -> tuple[float, float, float]:
-    """``os.getloadavg()`` (1, 5, 15 minutes): how busy the machine was, so noise is visible."""
-    return tuple(round(x, 2) for x in os.getloadavg())
+# One home for the machine's description (re-exported: the scripts call common.*).
+machine_info = runtime.machine_info
+load_average = runtime.load_average
 
 
 # --------------------------------------------------------------------------------------------

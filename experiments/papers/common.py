@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, variants
+from experiments import input_pipeline, optimizer_registry
 
 DATASETS = ("digits", "mnist5k")
 
 # The variants the StableSAM paper compares, in the order of its figures: its "SAM" (USAM), its
 # SSAM (StableSAM on USAM), Foret et al.'s normalized SAM (its SAM-dagger) and StableSAM on it.
-STABLESAM_VARIANTS: tuple[str, ...] = ("usam", "ssam-usam", "sam", "ssam")
+STABLESAM_VARIANTS: tuple[str, ...] = ("usam", "stable_usam", "sam", "stable_sam")
 
 # Plain (stochastic) gradient descent, the baseline of every figure: name -> label.
 BASELINES: dict[str, str] = {"gd": "GD", "sgd": "SGD"}
@@ -36,13 +36,24 @@ BASELINE_COLOR = "k"
 OUTPUT_ROOT = os.path.join("runs", "papers")
 
 
+def add_methods_flag(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """``--methods``: which of `methods` to run (all by default; old optimizer names accepted)."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=optimizer_registry.canonical_name,
+        default=list(methods),
+        choices=methods,
+    )
+
+
 def label(method: str) -> str:
     """The legend label of a method (a baseline or a registered SAM variant)."""
-    return BASELINES[method] if method in BASELINES else variants.get(method).label
+    return BASELINES[method] if method in BASELINES else optimizer_registry.get(method).label
 
 
 def color(method: str) -> str:
-    return BASELINE_COLOR if method in BASELINES else variants.get(method).color
+    return BASELINE_COLOR if method in BASELINES else optimizer_registry.get(method).color
 
 
 def is_baseline(method: str) -> bool:

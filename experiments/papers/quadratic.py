@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import reporting, variants
+from experiments import optimizer_registry, reporting
 from experiments.papers import common
 
 # Gradient descent and the StableSAM paper's variants (labels and colours from the registry).
@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> QuadraticConfig:
         default="linear",
         help="Spacing of the d eigenvalues between --lambda-min and --lambda-max.",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    common.add_methods_flag(p, METHODS)
     p.add_argument("--rho", type=float, default=0.05, help="Ascent radius of every SAM variant.")
     p.add_argument("--steps", type=int, default=2000, help="Iterations per run.")
     p.add_argument("--num-lrs", type=int, default=80, help="Learning rates in the grid.")
@@ -165,7 +165,7 @@ def exact_iterations(
 def build_optimizer(method: str, rho: float, lr: jax.Array) -> optax.GradientTransformation:
     if common.is_baseline(method):
         return optax.chain(optax.sgd(lr))
-    return optax.chain(variants.get(method).build(rho), optax.sgd(lr))
+    return optax.chain(optimizer_registry.get(method).build(rho), optax.sgd(lr))
 
 
 def run_grid(
@@ -261,9 +261,9 @@ def summary_rows(results, lrs, bounds, args) -> list[dict]:
     expected = {
         "gd": bounds["gd_bound"],
         "usam": bounds["usam_bound"],
-        "ssam-usam": bounds["gd_bound"],
+        "stable_usam": bounds["gd_bound"],
         "sam": float("nan"),
-        "ssam": float("nan"),
+        "stable_sam": float("nan"),
     }
     rows = []
     for method, r in results.items():
@@ -402,10 +402,10 @@ def findings(summary, bounds, args) -> list[str]:
             f"{bounds['usam_bound']:.4g} (GD: {number(best.get('gd', 'none')):.4g}, bound "
             f"{bounds['gd_bound']:.4g})."
         )
-    if "usam" in best and "ssam-usam" in best:
-        extends = number(best["ssam-usam"]) > number(best["usam"])
+    if "usam" in best and "stable_usam" in best:
+        extends = number(best["stable_usam"]) > number(best["usam"])
         lines.append(
-            f"- StableSAM on USAM converges up to lr {number(best['ssam-usam']):.4g}: the "
+            f"- StableSAM on USAM converges up to lr {number(best['stable_usam']):.4g}: the "
             f"renormalization {'extends' if extends else 'does NOT extend'} USAM's range"
             + (" to GD's." if extends else ".")
         )
@@ -414,8 +414,8 @@ def findings(summary, bounds, args) -> list[str]:
             "- Normalized SAM never reaches the tolerance: its loss stalls on the 2-cycle floor "
             "1/2 lambda_max w*^2 (circles in the figure)."
         )
-    if "ssam" in best:
-        if best["ssam"] == "none":
+    if "stable_sam" in best:
+        if best["stable_sam"] == "none":
             lines.append(
                 "- StableSAM on normalized SAM does not reach the tolerance either here: near the "
                 "minimum the fixed-radius perturbation dominates the gradient, the renormalized "
@@ -426,7 +426,8 @@ def findings(summary, bounds, args) -> list[str]:
             )
         else:
             lines.append(
-                f"- StableSAM on normalized SAM converges up to lr {number(best['ssam']):.4g}."
+                "- StableSAM on normalized SAM converges up to lr "
+                f"{number(best['stable_sam']):.4g}."
             )
     return lines + [""]
 

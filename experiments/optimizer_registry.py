@@ -16,14 +16,19 @@ own hyperparameters, e.g.::
 ``config_fields`` maps keyword arguments of the factory to ``TrainConfig`` fields; the factory is
 called as ``factory(rho, **knobs, **{kw: config.<field>}, axis_name=..., sync_ascent=...)``.
 
-Naming: ``sam`` is Foret et al.'s normalized SAM and ``usam`` the unnormalized ascent. The
-StableSAM paper (Tan et al.) calls the unnormalized ascent "SAM" (and Foret et al.'s "SAM†"), so
-its SSAM is ``ssam-usam`` here.
+Names (the one notation note): ``--optimizer`` values equal the library's names. ``sam`` is
+Foret et al.'s normalized SAM, ``usam`` the unnormalized ascent eps = rho g, and the StableSAM
+form of a variant is ``stable_<name>`` (``sam_optax.sam(stable=True)``, exported as
+``sam_optax.stable_sam``). The StableSAM paper (Tan et al.) calls the unnormalized ascent "SAM"
+(Foret et al.'s "SAM\u2020") and its own method "SSAM": the paper's SAM is ``usam`` here, its
+SSAM ``stable_usam``, its SAM\u2020 ``sam``. The older spellings of :data:`DEPRECATED_NAMES`
+(``ssam``, ``fsam``, ``ssam-usam``, ...) are accepted for one release, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -84,10 +89,42 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
+# Old --optimizer spellings -> current names; accepted (with a warning) for one release. A saved
+# config.json that holds an old name compares equal to the current one.
+DEPRECATED_NAMES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "ssam": "stable_sam",
+        "ssam-asam": "stable_asam",
+        "ssam-usam": "stable_usam",
+        "ssam-gsam": "stable_gsam",
+        "ssam-looksam": "stable_looksam",
+        "fsam": "friendly_sam",
+        "ssam-fsam": "stable_friendly_sam",
+        "ssam-vasso": "stable_vasso",
+    }
+)
+_warned: set[str] = set()
+
+
+def canonical_name(name: str, *, warn: bool = True) -> str:
+    """The current name of optimizer `name`: itself, or the new name of a deprecated spelling
+    (with a one-line warning on stderr, once per spelling and process, where `warn`)."""
+    new = DEPRECATED_NAMES.get(name)
+    if new is None:
+        return name
+    if warn and name not in _warned:
+        _warned.add(name)
+        print(
+            f"warning: optimizer name {name!r} is deprecated and will be removed; use {new!r}.",
+            file=sys.stderr,
+        )
+    return new
+
+
 def get(name: str) -> Variant:
     """The variant called `name` (``KeyError`` listing the known names otherwise)."""
     try:
-        return VARIANTS[name]
+        return VARIANTS[canonical_name(name)]
     except KeyError:
         raise KeyError(f"Unknown SAM variant {name!r}; known: {', '.join(VARIANTS)}.") from None
 
@@ -107,8 +144,7 @@ def optimizer_help() -> str:
     parts = [f"{BASELINE}: {BASELINE_HELP}."]
     parts += [f"{v.name}: {v.help}." for v in VARIANTS.values()]
     parts.append(
-        "NOTE: the StableSAM paper's 'SAM' is our usam and its 'SSAM' is our ssam-usam; its "
-        "'SAM†' is our sam."
+        "NOTE: the StableSAM paper's 'SAM' is usam, its 'SSAM' stable_usam, its 'SAM†' sam."
     )
     return " ".join(parts)
 
@@ -135,7 +171,7 @@ register(Variant(
     knobs=dict(normalize=True, stable=False, adaptive=False),
 ))  # fmt: skip
 register(Variant(
-    name="ssam", label="StableSAM on SAM", color="C0", paper=_TAN,
+    name="stable_sam", label="StableSAM on SAM", color="C0", paper=_TAN,
     help="StableSAM on normalized SAM", default_rho=0.05,
     knobs=dict(normalize=True, stable=True, adaptive=False),
 ))  # fmt: skip
@@ -145,7 +181,7 @@ register(Variant(
     knobs=dict(normalize=True, stable=False, adaptive=True),
 ))  # fmt: skip
 register(Variant(
-    name="ssam-asam", label="StableSAM on ASAM", color="C5", paper=_TAN,
+    name="stable_asam", label="StableSAM on ASAM", color="C5", paper=_TAN,
     help="StableSAM on ASAM", default_rho=0.5, adaptive_rho=True,
     knobs=dict(normalize=True, stable=True, adaptive=True),
 ))  # fmt: skip
@@ -155,7 +191,7 @@ register(Variant(
     knobs=dict(normalize=False, stable=False, adaptive=False),
 ))  # fmt: skip
 register(Variant(
-    name="ssam-usam", label="StableSAM on USAM (paper's SSAM)", color="C2", paper=_TAN,
+    name="stable_usam", label="StableSAM on USAM (paper's SSAM)", color="C2", paper=_TAN,
     help="StableSAM on USAM", default_rho=0.05,
     knobs=dict(normalize=False, stable=True, adaptive=False),
 ))  # fmt: skip
@@ -170,10 +206,10 @@ _ETA = {"eta": "eta"}
 
 
 def _register_with_stable_form(variant: Variant, stable_color: str) -> None:
-    """Registers `variant` and its StableSAM form ``ssam-<name>`` (stable=True)."""
+    """Registers `variant` and its StableSAM form ``stable_<name>`` (stable=True)."""
     register(variant)
     register(dataclasses.replace(
-        variant, name=f"ssam-{variant.name}", label=f"StableSAM on {variant.label}",
+        variant, name=f"stable_{variant.name}", label=f"StableSAM on {variant.label}",
         color=stable_color, help=f"StableSAM on {variant.label}",
         knobs={**variant.knobs, "stable": True},
     ))  # fmt: skip
@@ -193,7 +229,7 @@ _register_with_stable_form(Variant(
     config_fields={**_ETA, "k": "looksam_k", "alpha": "looksam_alpha"},
 ), stable_color="#7f7f7f")  # fmt: skip
 _register_with_stable_form(Variant(
-    name="fsam", label="Friendly SAM", color="C8", paper=_LI_FSAM,
+    name="friendly_sam", label="Friendly SAM", color="C8", paper=_LI_FSAM,
     help="Friendly SAM: ascent along g minus its EMA (--fsam-sigma, --fsam-lambda)",
     default_rho=0.05, factory=sam_optax.friendly_sam, in_protocol=False,
     config_fields={**_ETA, "sigma": "fsam_sigma", "lmbda": "fsam_lambda"},
