@@ -237,7 +237,26 @@ def rows_from(
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+COLUMNS = [
+    "model",
+    "batch",
+    "config",
+    "step_ms",
+    "vs_sgd",
+    "vs_sam",
+    "expected_vs_sam",
+    "cpu_vs_sgd",
+    "cpu_vs_sam",
+    "update_alone_ms",
+    "update_extra_vs_sam",
+    "cycles",
+    "cycle_p25_ms",
+    "cycle_p75_ms",
+    "compile_s",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
@@ -273,55 +292,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--k must be >= 1")
     if args.model != "mlp" and args.model not in models.MODELS:
         parser.error(f"--model must be mlp or one of {sorted(models.MODELS)}")
+    return args
 
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model, variables = init_model(args.model, model_kwargs, args.seed)
-    images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
 
-    loads = {"start": common.load_average()}
-    cycles = {}
-    for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items():
-        cycles[name] = Cycle(
-            name,
-            model,
-            variables,
-            make_tx(factory),
-            is_sam=is_sam,
-            images=images,
-            labels=labels,
-            k=args.k,
-        )
-        print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
-    loads["compiled"] = common.load_average()
-
-    samples = common.interleave(
-        [c.bench() for c in cycles.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-        seed=args.seed,
-    )
-    loads["steps timed"] = common.load_average()
-    stats = {name: common.summarize(values) for name, values in samples.items()}
-
-    print(f"Optimizer updates alone ({args.update_rounds} rounds)", flush=True)
-    updates = [
-        UpdateCycle(name, make_tx(factory), variables["params"], is_sam=is_sam, k=args.k)
-        for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
-    ]
-    update_samples = common.interleave(
-        [u.bench() for u in updates],
-        warmup=2,
-        rounds=args.update_rounds,
-        seed=args.seed,
-        log=lambda _: None,
-    )
-    update_stats = {name: common.summarize(values) for name, values in update_samples.items()}
-    loads["end"] = common.load_average()
-    rows = rows_from(stats, update_stats, cycles, args)
-
-    notes = [
+def notes(args: argparse.Namespace) -> list[str]:
+    return [
         f"Each sample is a cycle of k = {args.k} consecutive steps of one configuration (one "
         "SAM step per cycle for looksam and sam_every_k); step_ms is the median cycle / k.",
         "vs_sgd, vs_sam: ratios of the median cycle times (wall clock); cpu_*: of the median "
@@ -336,30 +311,68 @@ def main(argv: list[str] | None = None) -> None:
         "over SAM's update as a share of a SAM step, i.e. what the variant's own arithmetic adds "
         "to vs_sam beyond the pass count.",
     ]
-    columns = [
-        "model",
-        "batch",
-        "config",
-        "step_ms",
-        "vs_sgd",
-        "vs_sam",
-        "expected_vs_sam",
-        "cpu_vs_sgd",
-        "cpu_vs_sam",
-        "update_alone_ms",
-        "update_extra_vs_sam",
-        "cycles",
-        "cycle_p25_ms",
-        "cycle_p75_ms",
-        "compile_s",
+
+
+def time_steps(model, variables, images, labels, args, loads) -> tuple[dict, dict]:
+    """Every variant's training step, compiled and timed in cycles of k steps: the compiled
+    cycles and the samples per name."""
+    cycles = {}
+    for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items():
+        cycles[name] = Cycle(
+            name,
+            model,
+            variables,
+            make_tx(factory),
+            is_sam=is_sam,
+            images=images,
+            labels=labels,
+            k=args.k,
+        )
+        print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
+    loads["compiled"] = common.load_average()
+    samples = common.interleave_with_args(
+        [c.bench() for c in cycles.values()], args, seed=args.seed
+    )
+    loads["steps timed"] = common.load_average()
+    return cycles, samples
+
+
+def time_updates(params, args) -> dict[str, dict[str, float]]:
+    """Every variant's optimizer update timed alone: its statistics per name."""
+    print(f"Optimizer updates alone ({args.update_rounds} rounds)", flush=True)
+    updates = [
+        UpdateCycle(name, make_tx(factory), params, is_sam=is_sam, k=args.k)
+        for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
     ]
+    update_samples = common.interleave(
+        [u.bench() for u in updates],
+        warmup=2,
+        rounds=args.update_rounds,
+        seed=args.seed,
+        log=lambda _: None,
+    )
+    return {name: common.summarize(values) for name, values in update_samples.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model, variables = init_model(args.model, model_kwargs, args.seed)
+    images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    loads = {"start": common.load_average()}
+    cycles, samples = time_steps(model, variables, images, labels, args, loads)
+    stats = {name: common.summarize(values) for name, values in samples.items()}
+    update_stats = time_updates(variables["params"], args)
+    loads["end"] = common.load_average()
     common.write_results(
         "variants_overhead" if not args.quick else "variants_overhead_quick",
         title="Step time of the SAM variants relative to SGD and SAM",
-        tables=[("", rows, columns)],
+        tables=[("", rows_from(stats, update_stats, cycles, args), COLUMNS)],
         out_dir=args.output_dir,
         loads=loads,
-        notes=notes,
+        notes=notes(args),
         extra={"samples": common.samples_rows(samples, model=args.model)},
     )
 
