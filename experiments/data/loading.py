@@ -55,14 +55,7 @@ def load_dataset(
         raise ValueError(f"validation_size must be >= 0, got {validation_size}.")
     if train_size is not None and train_size < 1:
         raise ValueError(f"train_size must be >= 1 (or None for all), got {train_size}.")
-    if name not in DATASETS:
-        raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
-    if validation_size < 0:
-        raise ValueError(f"validation_size must be >= 0, got {validation_size}.")
-    if train_size is not None and train_size < 1:
-        raise ValueError(f"train_size must be >= 1 (or None for all), got {train_size}.")
-    check_label_noise(label_noise, label_noise_mode)
-
+    _check_arguments(name, validation_size, train_size, label_noise, label_noise_mode)
     source = SOURCES[name]
     splits = source.read(data_dir)
     # Out-of-range labels would index past the one-hot targets and train silently on garbage.
@@ -71,7 +64,7 @@ def load_dataset(
     train_idx, val_idx = _held_out_indices(name, splits, validation_size, train_size, split_seed)
     train_images = splits.train_images[train_idx]
     clean_train_labels = splits.train_labels[train_idx]
-    train_labels, noisy_labels = clean_train_labels, 0
+    train_labels = clean_train_labels
     if label_noise > 0:
         train_labels = corrupt_labels(
             clean_train_labels,
@@ -81,7 +74,6 @@ def load_dataset(
             mode=label_noise_mode,
             mapping=ASYMMETRIC_NOISE_MAPS.get(name),
         )
-        noisy_labels = int(np.count_nonzero(train_labels != clean_train_labels))
     mean, std = _channel_mean_std(train_images)
     return Dataset(
         name=name,
@@ -95,9 +87,25 @@ def load_dataset(
         mean=mean,
         std=std,
         random_flip=source.random_flip,
-        noisy_labels=noisy_labels,
+        noisy_labels=int(np.count_nonzero(train_labels != clean_train_labels)),
         clean_train_labels=clean_train_labels if label_noise > 0 else None,
     )
+
+
+def _check_arguments(
+    name: str,
+    validation_size: int,
+    train_size: int | None,
+    label_noise: float,
+    label_noise_mode: str,
+) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
+    if validation_size < 0:
+        raise ValueError(f"validation_size must be >= 0, got {validation_size}.")
+    if train_size is not None and train_size < 1:
+        raise ValueError(f"train_size must be >= 1 (or None for all), got {train_size}.")
+    check_label_noise(label_noise, label_noise_mode)
 
 
 def _held_out_indices(
