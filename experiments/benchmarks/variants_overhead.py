@@ -35,10 +35,9 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,27 +49,16 @@ from experiments.benchmarks import common
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "benchmarks")
 
 
-class MLP(nn.Module):
-    """A ReLU MLP on the flattened image: no convolution (see the module docstring)."""
-
-    num_classes: int = 10
-    features: Sequence[int] = (1024, 1024)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        del train
-        x = x.reshape((x.shape[0], -1))
-        for width in self.features:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+# The default model: the zoo's MLP at these widths (no convolution, see the module docstring).
+MLP_WIDTHS = (1024, 1024)
 
 
 def init_model(name: str, model_kwargs: Mapping[str, Any], seed: int) -> tuple[Any, Any]:
-    """`name` is "mlp" or a model of experiments.models; returns the model and its variables."""
-    if name == "mlp":
-        model = MLP(**model_kwargs)
-        variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *common.CIFAR_SHAPE)))
-        return model, dict(variables)
+    """`name` is a model of experiments.models; returns the model and its variables. For "mlp",
+    the hidden widths are ``features`` (or the zoo's ``hidden``), by default :data:`MLP_WIDTHS`."""
+    if name == "mlp" and "hidden" not in model_kwargs:
+        model_kwargs = dict(model_kwargs)
+        model_kwargs["hidden"] = tuple(model_kwargs.pop("features", MLP_WIDTHS))
     return common.init_model(name, model_kwargs=model_kwargs, seed=seed)
 
 
@@ -290,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_size, args.rounds, args.warmup, args.update_rounds = 8, 3, 1, 3
     if args.k < 1:
         parser.error("--k must be >= 1")
-    if args.model != "mlp" and args.model not in models.MODELS:
+    if args.model not in models.MODELS:
         parser.error(f"--model must be mlp or one of {sorted(models.MODELS)}")
     return args
 
