@@ -49,12 +49,6 @@ def load_dataset(
         data file (the message names it).
       FileNotFoundError: CIFAR or Fashion-MNIST data not found; the message says how to get it.
     """
-    if name not in DATASETS:
-        raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
-    if validation_size < 0:
-        raise ValueError(f"validation_size must be >= 0, got {validation_size}.")
-    if train_size is not None and train_size < 1:
-        raise ValueError(f"train_size must be >= 1 (or None for all), got {train_size}.")
     _check_arguments(name, validation_size, train_size, label_noise, label_noise_mode)
     source = SOURCES[name]
     splits = source.read(data_dir)
