@@ -1,5 +1,6 @@
-"""Tests of experiments/input_pipeline.py: loading (TFDS, the CIFAR python version, the embedded
-sets), splits, on-device augmentation, and the data order."""
+"""Tests of experiments/data/ (and its former module experiments/input_pipeline.py): loading
+(TFDS, the CIFAR python version, the embedded sets), splits, on-device augmentation, and the
+data order."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import input_pipeline as ip
+from experiments import data as ip
+from experiments import input_pipeline
+from experiments.data import cifar, fashion_mnist
 
 # ----------------------------------------------------------------------------------------------
 # Fake CIFAR in the original python-version layout.
@@ -467,7 +470,7 @@ def no_debian_folder(tmp_path, monkeypatch):
     """Points the Debian package's folder at an empty one, so the tests do not depend on it."""
     empty = tmp_path / "no-debian-package"
     empty.mkdir()
-    monkeypatch.setattr(ip, "FASHION_MNIST_DEBIAN_DIR", str(empty))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DEBIAN_DIR", str(empty))
     return empty
 
 
@@ -488,7 +491,7 @@ def test_fashion_mnist_from_idx_files(tmp_path, no_debian_folder, gz):
 
 def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
     _, _, test_x, _ = write_fake_fashion_mnist(tmp_path / "debian")
-    monkeypatch.setattr(ip, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian"))
     (tmp_path / "empty").mkdir()
     ds = ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), validation_size=5)
     np.testing.assert_array_equal(ds.test_images[..., 0], test_x)
@@ -593,7 +596,7 @@ def test_real_fashion_mnist_from_the_debian_package():
 
 def test_out_of_range_labels_are_refused(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path)
-    real = ip._load_cifar
+    real = cifar.load
 
     def with_a_bad_label(name, data_dir):
         splits = real(name, data_dir)
@@ -601,7 +604,7 @@ def test_out_of_range_labels_are_refused(tmp_path, monkeypatch):
         labels[3] = 10
         return splits._replace(train_labels=labels)
 
-    monkeypatch.setattr(ip, "_load_cifar", with_a_bad_label)
+    monkeypatch.setattr(cifar, "load", with_a_bad_label)
     with pytest.raises(ValueError, match="cifar10 training split: label 10 at index 3"):
         ip.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=5)
 
@@ -724,3 +727,19 @@ def test_load_dataset_corrupts_only_the_training_labels(tmp_path, no_debian_fold
     assert "noisy_labels=" in repr(noisy) and clean.clean_train_labels is None
     with pytest.raises(ValueError, match="label_noise"):
         load(label_noise=1.0)
+
+
+def test_input_pipeline_names_are_those_of_experiments_data():
+    for name in input_pipeline.__all__:
+        assert getattr(input_pipeline, name) is getattr(ip, name), name
+
+
+def test_each_data_set_has_one_source_with_its_class_count():
+    assert ip.DATASETS == ("cifar10", "cifar100", "mnist5k", "digits", "fashion_mnist")
+    assert {name: source.num_classes for name, source in ip.SOURCES.items()} == {
+        "cifar10": 10,
+        "cifar100": 100,
+        "mnist5k": 10,
+        "digits": 10,
+        "fashion_mnist": 10,
+    }

@@ -93,7 +93,7 @@ class Bench:
 
 
 def interleave_with_args(
-    benches: Sequence[Bench], args: Any, log: Callable[[str], None] = print
+    benches: Sequence[Bench], args: Any, log: Callable[[str], None] = print, seed: int = 0
 ) -> dict[str, list[Sample]]:
     """:func:`interleave` with the rounds and time limit of the common command-line flags."""
     return interleave(
@@ -102,6 +102,7 @@ def interleave_with_args(
         rounds=args.rounds,
         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
         log=log,
+        seed=seed,
     )
 
 
@@ -277,6 +278,27 @@ def jnp_dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def call_compiled(
+    name: str, compiled: Callable, jitted: Callable | None, *args: Any
+) -> tuple[Callable, Any]:
+    """``compiled(*args)``, or ``jitted(*args)`` should JAX refuse the call to the ahead-of-time
+    compiled executable; returns what to call from now on and the outputs."""
+    try:
+        return compiled, compiled(*args)
+    except TypeError as error:
+        if jitted is None or compiled is jitted:
+            raise
+        # E.g. "Computation compiled for 210 inputs but called with 170". The arguments are
+        # checked before anything runs (nothing is donated yet), so the jitted function can take
+        # over; it compiles on this call.
+        print(
+            f"WARNING {name}: the AOT executable refused the call ({error}); "
+            "falling back to jax.jit, this step includes a compile.",
+            flush=True,
+        )
+        return jitted, jitted(*args)
+
+
 @dataclasses.dataclass
 class FlaxStep:
     """A compiled single-device training step with its own state and batch."""
@@ -297,21 +319,10 @@ class FlaxStep:
 
     def bench(self) -> Bench:
         def step():
-            try:
-                self.state, metrics = self.compiled(self.state, self.images, self.labels, self.key)
-            except TypeError as error:
-                if self.jitted is None or self.compiled is self.jitted:
-                    raise
-                # Seen once with JAX 0.10.2 on a CPU: "Computation compiled for 210 inputs but
-                # called with 170". The arguments are checked before anything runs (nothing is
-                # donated yet), so the jitted function can take over; it compiles on this call.
-                print(
-                    f"WARNING {self.name}: the AOT executable refused the call ({error}); "
-                    "falling back to jax.jit, this step includes a compile.",
-                    flush=True,
-                )
-                self.compiled = self.jitted
-                self.state, metrics = self.compiled(self.state, self.images, self.labels, self.key)
+            args = (self.state, self.images, self.labels, self.key)
+            self.compiled, (self.state, metrics) = call_compiled(
+                self.name, self.compiled, self.jitted, *args
+            )
             return self.state, metrics
 
         return Bench(self.name, step)
@@ -390,6 +401,32 @@ def flax_step(
     return FlaxStep(name, compiled, state, images, labels, key, seconds, jitted)
 
 
+def compile_flax_steps(
+    model_name: str,
+    model: Any,
+    variables: Mapping[str, Any],
+    transformations: Mapping[str, tuple[optax.GradientTransformationExtraArgs, bool]],
+    args: argparse.Namespace,
+    log: Callable[[str], None] = print,
+) -> dict[str, FlaxStep]:
+    """:func:`flax_step` for each ``name -> (tx, sam)``, at the batch size, dtype and seed of the
+    command line, logging each compile time."""
+    compiled = {}
+    for name, (tx, sam) in transformations.items():
+        compiled[name] = flax_step(
+            name,
+            model,
+            variables,
+            tx,
+            sam=sam,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            seed=args.seed,
+        )
+        log(f"{model_name} {name}: compiled in {compiled[name].compile_s:.1f} s")
+    return compiled
+
+
 class TrainerStep:
     """The compiled data-parallel step of an ``Experiment`` (``trainer.create_experiment``),
     with its (donated) state: the step the training loop runs, input pipeline included."""
@@ -407,19 +444,15 @@ class TrainerStep:
 
     def bench(self) -> Bench:
         def step():
-            args = (self.state, self.split.images, self.split.labels, self.indices)
-            try:
-                self.state, metrics = self.compiled(*args)
-            except TypeError as error:
-                if self.compiled is self.experiment.train_step:
-                    raise
-                print(
-                    f"WARNING {self.name}: the AOT executable refused the call ({error}); "
-                    "falling back to jax.jit, this step includes a compile.",
-                    flush=True,
-                )
-                self.compiled = self.experiment.train_step
-                self.state, metrics = self.compiled(*args)
+            self.compiled, (self.state, metrics) = call_compiled(
+                self.name,
+                self.compiled,
+                self.experiment.train_step,
+                self.state,
+                self.split.images,
+                self.split.labels,
+                self.indices,
+            )
             return self.state, metrics
 
         return Bench(self.name, step)

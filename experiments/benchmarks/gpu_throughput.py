@@ -108,7 +108,7 @@ def run_epoch(model_name: str, optimizer: str, batch: int, args, dataset) -> dic
     }
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,wrn28_10")
     parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
@@ -138,6 +138,47 @@ def main(argv=None) -> None:
         args.models, args.model_kwargs = "small_cnn", common.QUICK_SMALL_CNN
         args.batch_sizes, args.train_images = "8,16", 64
         args.rounds, args.warmup, args.dtype = 3, 1, "float32"
+    return args
+
+
+def epoch_rows_of(model_name: str, step_rows: list[dict], args, dataset) -> list[dict]:
+    """One whole epoch per optimizer at the largest batch size, next to its step rate."""
+    batch = max(args.batch_sizes)
+    rows = []
+    for optimizer in args.optimizers:
+        row = run_epoch(model_name, optimizer, batch, args, dataset)
+        step_row = next(
+            r
+            for r in step_rows
+            if (r["model"], r["optimizer"], r["batch"]) == (model_name, optimizer, batch)
+        )
+        row["step_images_per_s"] = step_row["images_per_s"]
+        row["epoch / step images_per_s"] = row["epoch_images_per_s"] / step_row["images_per_s"]
+        rows.append(row)
+    return rows
+
+
+def notes(args, on_gpu: bool) -> list[str]:
+    lines = [
+        f"Peak for MFU: {args.peak_tflops:g} TFLOP/s. mfu_published uses the published forward "
+        "FLOPs per 32x32 image x 3 (training) x passes (sgd 1, SAM 2); mfu_xla uses the compiled "
+        "step's cost_analysis() FLOPs.",
+        "Step rows: the jitted data-parallel step with the on-device input pipeline (gather + "
+        "augment from the uint8 set on the device), medians of round-robin interleaved steps.",
+        "Epoch rows: trainer.train_and_evaluate for 1 epoch (compile excluded, evaluation and "
+        "checkpoint after the timed epoch); 'epoch / step images_per_s' near 1 means the loop "
+        "and input add nothing.",
+    ]
+    if not on_gpu:
+        lines.append(
+            "No GPU on this machine: these rows are a CPU smoke run at a tiny size, not GPU "
+            "measurements."
+        )
+    return lines
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if not (on_gpu or args.quick or args.allow_cpu):
         sys.exit(
@@ -157,36 +198,9 @@ def main(argv=None) -> None:
         step_rows += run_model(model_name, args, dataset)
         loads[f"after {model_name} steps"] = common.load_average()
         if args.epoch:
-            batch = max(args.batch_sizes)
-            for optimizer in args.optimizers:
-                row = run_epoch(model_name, optimizer, batch, args, dataset)
-                step_row = next(
-                    r
-                    for r in step_rows
-                    if (r["model"], r["optimizer"], r["batch"]) == (model_name, optimizer, batch)
-                )
-                row["step_images_per_s"] = step_row["images_per_s"]
-                row["epoch / step images_per_s"] = (
-                    row["epoch_images_per_s"] / step_row["images_per_s"]
-                )
-                epoch_rows.append(row)
+            epoch_rows += epoch_rows_of(model_name, step_rows, args, dataset)
             loads[f"after {model_name} epochs"] = common.load_average()
 
-    notes = [
-        f"Peak for MFU: {args.peak_tflops:g} TFLOP/s. mfu_published uses the published forward "
-        "FLOPs per 32x32 image x 3 (training) x passes (sgd 1, SAM 2); mfu_xla uses the compiled "
-        "step's cost_analysis() FLOPs.",
-        "Step rows: the jitted data-parallel step with the on-device input pipeline (gather + "
-        "augment from the uint8 set on the device), medians of round-robin interleaved steps.",
-        "Epoch rows: trainer.train_and_evaluate for 1 epoch (compile excluded, evaluation and "
-        "checkpoint after the timed epoch); 'epoch / step images_per_s' near 1 means the loop "
-        "and input add nothing.",
-    ]
-    if not on_gpu:
-        notes.append(
-            "No GPU on this machine: these rows are a CPU smoke run at a tiny size, not GPU "
-            "measurements."
-        )
     tables = [("Steps", step_rows, list(step_rows[0]))]
     if epoch_rows:
         tables.append(
@@ -199,7 +213,7 @@ def main(argv=None) -> None:
         tables=tables,
         out_dir=args.out_dir,
         loads=loads,
-        notes=notes,
+        notes=notes(args, on_gpu),
     )
 
 

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -187,7 +187,26 @@ def run_setting(
     return rows, common.samples_rows(samples, setting=name)
 
 
-def main(argv=None) -> None:
+COLUMNS = [
+    "setting",
+    "model",
+    "batch",
+    "optimizer",
+    "steps_per_epoch",
+    "config",
+    "n",
+    "epoch_median_ms",
+    "step_median_ms",
+    "images_per_s",
+    "ratio_to_bare",
+    "ratio_to_bare_cpu",
+    "goal_met",
+    "load_1min",
+]
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict[str, Mapping[str, Any]]]:
+    """The command line and the settings it selects."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--settings",
@@ -222,7 +241,11 @@ def main(argv=None) -> None:
         }
     else:
         settings = {n: SETTINGS[n] for n in args.settings.split(",")}
+    return args, settings
 
+
+def main(argv=None) -> None:
+    args, settings = parse_args(argv)
     loads = {"start": common.load_average()}
     rows, raw = [], []
     # The progress bar writes to stderr; keep it off this script's output (it still renders).
@@ -248,28 +271,7 @@ def main(argv=None) -> None:
     common.write_results(
         "harness_overhead" if not args.quick else "harness_overhead_quick",
         title="Harness overhead: trainer.train_epoch against the bare step",
-        tables=[
-            (
-                "",
-                rows,
-                [
-                    "setting",
-                    "model",
-                    "batch",
-                    "optimizer",
-                    "steps_per_epoch",
-                    "config",
-                    "n",
-                    "epoch_median_ms",
-                    "step_median_ms",
-                    "images_per_s",
-                    "ratio_to_bare",
-                    "ratio_to_bare_cpu",
-                    "goal_met",
-                    "load_1min",
-                ],
-            )
-        ],
+        tables=[("", rows, COLUMNS)],
         out_dir=args.out_dir,
         loads=loads,
         notes=notes,

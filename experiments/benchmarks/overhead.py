@@ -132,22 +132,13 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
     model, variables = common.init_model(
         model_name, dtype=args.dtype, model_kwargs=model_kwargs, seed=args.seed
     )
-    steps = {}
-    for name, (config, is_sam) in optimizer_configs(
-        model_name, args.batch_size, args.dtype, model_kwargs
-    ).items():
-        tx = optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
-        steps[name] = common.flax_step(
-            name,
-            model,
-            variables,
-            tx,
-            sam=is_sam,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            seed=args.seed,
-        )
-        log(f"{model_name} {name}: compiled in {steps[name].compile_s:.1f} s")
+    transformations = {
+        name: (optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None), is_sam)
+        for name, (config, is_sam) in optimizer_configs(
+            model_name, args.batch_size, args.dtype, model_kwargs
+        ).items()
+    }
+    steps = common.compile_flax_steps(model_name, model, variables, transformations, args, log)
 
     samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     stats = {name: common.summarize(values) for name, values in samples.items()}

@@ -35,10 +35,9 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,27 +49,16 @@ from experiments.benchmarks import common
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "benchmarks")
 
 
-class MLP(nn.Module):
-    """A ReLU MLP on the flattened image: no convolution (see the module docstring)."""
-
-    num_classes: int = 10
-    features: Sequence[int] = (1024, 1024)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        del train
-        x = x.reshape((x.shape[0], -1))
-        for width in self.features:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+# The default model: the zoo's MLP at these widths (no convolution, see the module docstring).
+MLP_WIDTHS = (1024, 1024)
 
 
 def init_model(name: str, model_kwargs: Mapping[str, Any], seed: int) -> tuple[Any, Any]:
-    """`name` is "mlp" or a model of experiments.models; returns the model and its variables."""
-    if name == "mlp":
-        model = MLP(**model_kwargs)
-        variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *common.CIFAR_SHAPE)))
-        return model, dict(variables)
+    """`name` is a model of experiments.models; returns the model and its variables. For "mlp",
+    the hidden widths are ``features`` (or the zoo's ``hidden``), by default :data:`MLP_WIDTHS`."""
+    if name == "mlp" and "hidden" not in model_kwargs:
+        model_kwargs = dict(model_kwargs)
+        model_kwargs["hidden"] = tuple(model_kwargs.pop("features", MLP_WIDTHS))
     return common.init_model(name, model_kwargs=model_kwargs, seed=seed)
 
 
@@ -237,7 +225,26 @@ def rows_from(
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+COLUMNS = [
+    "model",
+    "batch",
+    "config",
+    "step_ms",
+    "vs_sgd",
+    "vs_sam",
+    "expected_vs_sam",
+    "cpu_vs_sgd",
+    "cpu_vs_sam",
+    "update_alone_ms",
+    "update_extra_vs_sam",
+    "cycles",
+    "cycle_p25_ms",
+    "cycle_p75_ms",
+    "compile_s",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
@@ -271,57 +278,13 @@ def main(argv: list[str] | None = None) -> None:
         args.batch_size, args.rounds, args.warmup, args.update_rounds = 8, 3, 1, 3
     if args.k < 1:
         parser.error("--k must be >= 1")
-    if args.model != "mlp" and args.model not in models.MODELS:
+    if args.model not in models.MODELS:
         parser.error(f"--model must be mlp or one of {sorted(models.MODELS)}")
+    return args
 
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model, variables = init_model(args.model, model_kwargs, args.seed)
-    images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
 
-    loads = {"start": common.load_average()}
-    cycles = {}
-    for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items():
-        cycles[name] = Cycle(
-            name,
-            model,
-            variables,
-            make_tx(factory),
-            is_sam=is_sam,
-            images=images,
-            labels=labels,
-            k=args.k,
-        )
-        print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
-    loads["compiled"] = common.load_average()
-
-    samples = common.interleave(
-        [c.bench() for c in cycles.values()],
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
-        seed=args.seed,
-    )
-    loads["steps timed"] = common.load_average()
-    stats = {name: common.summarize(values) for name, values in samples.items()}
-
-    print(f"Optimizer updates alone ({args.update_rounds} rounds)", flush=True)
-    updates = [
-        UpdateCycle(name, make_tx(factory), variables["params"], is_sam=is_sam, k=args.k)
-        for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
-    ]
-    update_samples = common.interleave(
-        [u.bench() for u in updates],
-        warmup=2,
-        rounds=args.update_rounds,
-        seed=args.seed,
-        log=lambda _: None,
-    )
-    update_stats = {name: common.summarize(values) for name, values in update_samples.items()}
-    loads["end"] = common.load_average()
-    rows = rows_from(stats, update_stats, cycles, args)
-
-    notes = [
+def notes(args: argparse.Namespace) -> list[str]:
+    return [
         f"Each sample is a cycle of k = {args.k} consecutive steps of one configuration (one "
         "SAM step per cycle for looksam and sam_every_k); step_ms is the median cycle / k.",
         "vs_sgd, vs_sam: ratios of the median cycle times (wall clock); cpu_*: of the median "
@@ -336,30 +299,68 @@ def main(argv: list[str] | None = None) -> None:
         "over SAM's update as a share of a SAM step, i.e. what the variant's own arithmetic adds "
         "to vs_sam beyond the pass count.",
     ]
-    columns = [
-        "model",
-        "batch",
-        "config",
-        "step_ms",
-        "vs_sgd",
-        "vs_sam",
-        "expected_vs_sam",
-        "cpu_vs_sgd",
-        "cpu_vs_sam",
-        "update_alone_ms",
-        "update_extra_vs_sam",
-        "cycles",
-        "cycle_p25_ms",
-        "cycle_p75_ms",
-        "compile_s",
+
+
+def time_steps(model, variables, images, labels, args, loads) -> tuple[dict, dict]:
+    """Every variant's training step, compiled and timed in cycles of k steps: the compiled
+    cycles and the samples per name."""
+    cycles = {}
+    for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items():
+        cycles[name] = Cycle(
+            name,
+            model,
+            variables,
+            make_tx(factory),
+            is_sam=is_sam,
+            images=images,
+            labels=labels,
+            k=args.k,
+        )
+        print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
+    loads["compiled"] = common.load_average()
+    samples = common.interleave_with_args(
+        [c.bench() for c in cycles.values()], args, seed=args.seed
+    )
+    loads["steps timed"] = common.load_average()
+    return cycles, samples
+
+
+def time_updates(params, args) -> dict[str, dict[str, float]]:
+    """Every variant's optimizer update timed alone: its statistics per name."""
+    print(f"Optimizer updates alone ({args.update_rounds} rounds)", flush=True)
+    updates = [
+        UpdateCycle(name, make_tx(factory), params, is_sam=is_sam, k=args.k)
+        for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
     ]
+    update_samples = common.interleave(
+        [u.bench() for u in updates],
+        warmup=2,
+        rounds=args.update_rounds,
+        seed=args.seed,
+        log=lambda _: None,
+    )
+    return {name: common.summarize(values) for name, values in update_samples.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model, variables = init_model(args.model, model_kwargs, args.seed)
+    images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    loads = {"start": common.load_average()}
+    cycles, samples = time_steps(model, variables, images, labels, args, loads)
+    stats = {name: common.summarize(values) for name, values in samples.items()}
+    update_stats = time_updates(variables["params"], args)
+    loads["end"] = common.load_average()
     common.write_results(
         "variants_overhead" if not args.quick else "variants_overhead_quick",
         title="Step time of the SAM variants relative to SGD and SAM",
-        tables=[("", rows, columns)],
+        tables=[("", rows_from(stats, update_stats, cycles, args), COLUMNS)],
         out_dir=args.output_dir,
         loads=loads,
-        notes=notes,
+        notes=notes(args),
         extra={"samples": common.samples_rows(samples, model=args.model)},
     )
 

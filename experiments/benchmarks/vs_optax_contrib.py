@@ -80,24 +80,19 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
         )
 
     transformations = {
-        "sam_optax": optimizers.build_optimizer(config("sam"), STEPS_PER_EPOCH, axis_name=None),
-        "optax.contrib": optax_contrib_sam(
-            args.rho, optimizers.build_optimizer(config("sgd"), STEPS_PER_EPOCH, axis_name=None)
+        "sam_optax": (
+            optimizers.build_optimizer(config("sam"), STEPS_PER_EPOCH, axis_name=None),
+            True,
+        ),
+        "optax.contrib": (
+            optax_contrib_sam(
+                args.rho,
+                optimizers.build_optimizer(config("sgd"), STEPS_PER_EPOCH, axis_name=None),
+            ),
+            True,
         ),
     }
-    steps = {}
-    for name, tx in transformations.items():
-        steps[name] = common.flax_step(
-            name,
-            model,
-            variables,
-            tx,
-            sam=True,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            seed=args.seed,
-        )
-        log(f"{model_name} {name}: compiled in {steps[name].compile_s:.1f} s")
+    steps = common.compile_flax_steps(model_name, model, variables, transformations, args, log)
 
     # The first step from the same state: the two must agree (it also warms both up).
     for step in steps.values():

@@ -71,7 +71,26 @@ def torch_bench(name, model, args, images, labels, *, amp_dtype, channels_last, 
     return common.Bench(name, step, block)
 
 
-def main(argv=None) -> None:
+COLUMNS = [
+    "implementation",
+    "batch",
+    "precision",
+    "device",
+    "threads",
+    "params",
+    "n",
+    "median_ms",
+    "min_ms",
+    "cpu_median_ms",
+    "images_per_s",
+    "ours_speedup",
+    "ours_speedup_cpu_time",
+    "compile_s",
+    "first_two_steps_s",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -91,24 +110,11 @@ def main(argv=None) -> None:
     if args.quick:
         args.model_kwargs = '{"num_filters": 4, "stage_sizes": [1, 1]}'
         args.batch_size, args.rounds, args.warmup = 4, 3, 1
+    return args
 
-    import numpy as np
-    import torch
 
-    from experiments.benchmarks import torch_sam
-
-    loads = {"start": common.load_average()}
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    on_gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
-    device = torch.device("cuda" if on_gpu else "cpu")
-    threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
-    torch.manual_seed(args.seed)
-    use_compile = on_gpu if args.torch_compile is None else args.torch_compile
-    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    channels_last = on_gpu
-
-    # Ours.
+def compile_ours(args, model_kwargs) -> tuple[common.FlaxStep, int]:
+    """The project's SAM step of the ResNet-18, compiled, and the model's parameter count."""
     model, variables = common.init_model(
         "resnet18", dtype=args.dtype, model_kwargs=model_kwargs, seed=args.seed
     )
@@ -127,12 +133,14 @@ def main(argv=None) -> None:
         seed=args.seed,
     )
     print(f"sam_optax: compiled in {ours.compile_s:.1f} s")
-    flax_params = models.count_params(variables["params"])
+    return ours, models.count_params(variables["params"])
 
-    # PyTorch, on the same batch.
-    images_np, labels_np = common.synthetic_batch(args.batch_size, seed=args.seed)
-    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(device)
-    labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
+
+def torch_models(model_kwargs, device, *, channels_last, amp_dtype, use_compile) -> dict:
+    """Row name -> the PyTorch ResNet-18 (eager, and compiled when asked)."""
+    import torch
+
+    from experiments.benchmarks import torch_sam
 
     def torch_model():
         net = torch_sam.ResNet(
@@ -148,35 +156,23 @@ def main(argv=None) -> None:
         + (" channels_last" if channels_last else "")
         + (" AMP bf16" if amp_dtype is not None else "")
     )
-    torch_models = {eager_name: torch_model()}
+    nets = {eager_name: torch_model()}
     if use_compile:
-        torch_models[eager_name.replace("eager", "torch.compile")] = torch.compile(torch_model())
-    torch_params = torch_sam.count_parameters(next(iter(torch_models.values())))
-    if torch_params != flax_params:
-        raise RuntimeError(f"Parameter counts differ: Flax {flax_params}, PyTorch {torch_params}.")
+        nets[eager_name.replace("eager", "torch.compile")] = torch.compile(torch_model())
+    return nets
 
-    benches = [ours.bench()]
-    first_step_s = {ours.name: None}
-    for name, net in torch_models.items():
-        bench = torch_bench(
-            name,
-            net,
-            args,
-            images,
-            labels,
-            amp_dtype=amp_dtype,
-            channels_last=channels_last,
-            device=device,
-        )
-        # The first steps build (torch.compile: compile) what later steps reuse.
-        start = time.perf_counter()
-        for _ in range(2):
-            bench.block(bench.step())
-        first_step_s[name] = time.perf_counter() - start
-        print(f"{name}: first two steps took {first_step_s[name]:.1f} s")
-        benches.append(bench)
 
-    samples = common.interleave_with_args(benches, args)
+def first_two_steps_s(bench: common.Bench) -> float:
+    """Seconds of the first two steps, which build (torch.compile: compile) what later steps
+    reuse."""
+    start = time.perf_counter()
+    for _ in range(2):
+        bench.block(bench.step())
+    return time.perf_counter() - start
+
+
+def result_rows(benches, samples, ours, first_step_s, args, *, device, threads, params):
+    """One row per implementation, with its speed-up of ours (the first row)."""
     rows = []
     for bench in benches:
         stats = common.summarize(samples[bench.name])
@@ -187,7 +183,7 @@ def main(argv=None) -> None:
                 "precision": args.dtype,
                 "device": device.type,
                 "threads": threads if device.type == "cpu" else None,
-                "params": flax_params,
+                "params": params,
                 **stats,
                 "images_per_s": args.batch_size / stats["median_ms"] * 1e3,
                 "compile_s": ours.compile_s if bench.name == ours.name else None,
@@ -197,46 +193,95 @@ def main(argv=None) -> None:
     for row in rows:
         row["ours_speedup"] = rows[0]["images_per_s"] / row["images_per_s"]
         row["ours_speedup_cpu_time"] = row["cpu_median_ms"] / rows[0]["cpu_median_ms"]
-    loads["end"] = common.load_average()
-    notes = [
+    return rows
+
+
+def notes(on_gpu: bool) -> list[str]:
+    lines = [
         "ours_speedup = images/s of sam_optax / images/s of the row (medians, round-robin "
         "interleaved in one process); ours_speedup_cpu_time: the same from process CPU time.",
         "PyTorch uses a constant learning rate (ours: cosine schedule); this changes no cost.",
     ]
     if not on_gpu:
-        notes.append(
+        lines.append(
             "GPU rows (channels_last, AMP bf16, torch.compile) were not measured here (no GPU on "
             "this machine)."
         )
+    return lines
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from experiments.benchmarks import torch_sam
+
+    loads = {"start": common.load_average()}
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    on_gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    use_compile = on_gpu if args.torch_compile is None else args.torch_compile
+    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    channels_last = on_gpu
+
+    ours, flax_params = compile_ours(args, model_kwargs)
+
+    # PyTorch, on the same batch.
+    images_np, labels_np = common.synthetic_batch(args.batch_size, seed=args.seed)
+    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(device)
+    labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
+    nets = torch_models(
+        model_kwargs,
+        device,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+        use_compile=use_compile,
+    )
+    torch_params = torch_sam.count_parameters(next(iter(nets.values())))
+    if torch_params != flax_params:
+        raise RuntimeError(f"Parameter counts differ: Flax {flax_params}, PyTorch {torch_params}.")
+
+    benches = [ours.bench()]
+    first_step_s = {ours.name: None}
+    for name, net in nets.items():
+        bench = torch_bench(
+            name,
+            net,
+            args,
+            images,
+            labels,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            device=device,
+        )
+        first_step_s[name] = first_two_steps_s(bench)
+        print(f"{name}: first two steps took {first_step_s[name]:.1f} s")
+        benches.append(bench)
+
+    samples = common.interleave_with_args(benches, args)
+    rows = result_rows(
+        benches,
+        samples,
+        ours,
+        first_step_s,
+        args,
+        device=device,
+        threads=threads,
+        params=flax_params,
+    )
+    loads["end"] = common.load_average()
     common.write_results(
         "vs_torch" if not args.quick else "vs_torch_quick",
         title="sam_optax vs PyTorch SAM (two-step optimizer with closure), ResNet-18",
-        tables=[
-            (
-                "",
-                rows,
-                [
-                    "implementation",
-                    "batch",
-                    "precision",
-                    "device",
-                    "threads",
-                    "params",
-                    "n",
-                    "median_ms",
-                    "min_ms",
-                    "cpu_median_ms",
-                    "images_per_s",
-                    "ours_speedup",
-                    "ours_speedup_cpu_time",
-                    "compile_s",
-                    "first_two_steps_s",
-                ],
-            )
-        ],
+        tables=[("", rows, COLUMNS)],
         out_dir=args.out_dir,
         loads=loads,
-        notes=notes,
+        notes=notes(on_gpu),
         extra={"samples": common.samples_rows(samples)},
     )
 
