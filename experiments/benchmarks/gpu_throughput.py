@@ -5,7 +5,7 @@ whole-epoch wall time through the real training loop (``trainer.train_and_evalua
     python -m experiments.benchmarks.gpu_throughput --peak-tflops 989 --batch-sizes 128,512
     python -m experiments.benchmarks.gpu_throughput --quick         # CPU smoke run, seconds
 
-For ResNet-18 and WRN-28-10 with sgd, sam and ssam at batch 128 and 512 in bfloat16: the jitted
+For ResNet-18 and WRN-28-10 with sgd, sam and stable_sam at batch 128 and 512 in bfloat16: the jitted
 data-parallel step of ``trainer.create_experiment`` (the uint8 data set on the device, the batch
 gathered and augmented there: the host sends nothing per step), timed round-robin per model. MFU is
 model FLOPs per second over ``--peak-tflops`` (default 989, H100 SXM dense bf16), with the model
@@ -28,7 +28,7 @@ import jax
 from experiments import trainer
 from experiments.benchmarks import common
 
-PASSES = {"sgd": 1, "sam": 2, "ssam": 2}
+PASSES = {"sgd": 1, "sam": 2, "stable_sam": 2}
 
 
 def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,wrn28_10")
     parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
-    parser.add_argument("--optimizers", default="sgd,sam,ssam")
+    parser.add_argument("--optimizers", default="sgd,sam,stable_sam")
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--num-devices", type=int, default=1, help="0: all devices.")

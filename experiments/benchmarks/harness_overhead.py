@@ -39,13 +39,13 @@ GOAL = 0.95
 # name -> TrainConfig fields and, for synthetic CIFAR-shaped data, the training-set size.
 SETTINGS: dict[str, dict[str, Any]] = {
     # The README's first command: small CNN on the embedded MNIST subset, batch 32, StableSAM.
-    "demo": dict(dataset="mnist5k", model="small_cnn", optimizer="ssam", batch_size=32),
+    "demo": dict(dataset="mnist5k", model="small_cnn", optimizer="stable_sam", batch_size=32),
     # A larger step: a narrow ResNet-18 on random CIFAR-shaped images, batch 128.
     "resnet18": dict(
         dataset="synthetic_cifar",
         model="resnet18",
         model_kwargs='{"num_filters": 8}',
-        optimizer="ssam",
+        optimizer="stable_sam",
         batch_size=128,
         train_size=128 * 8,
     ),
@@ -54,7 +54,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         dataset="mnist5k",
         model="small_cnn",
         model_kwargs=common.QUICK_SMALL_CNN,
-        optimizer="ssam",
+        optimizer="stable_sam",
         batch_size=8,
     ),
 }
@@ -63,7 +63,7 @@ QUICK_SETTINGS: dict[str, dict[str, Any]] = {
         dataset="synthetic_cifar",
         model="small_cnn",
         model_kwargs=common.QUICK_SMALL_CNN,
-        optimizer="ssam",
+        optimizer="stable_sam",
         batch_size=8,
         train_size=8 * 6,
     )
@@ -219,7 +219,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict[str, Mapping[str, An
         "--dataset", default="mnist5k", help="With --model: a data set or synthetic_cifar."
     )
     parser.add_argument("--batch-size", type=int, default=32, help="With --model.")
-    parser.add_argument("--optimizer", default="ssam", help="With --model.")
+    parser.add_argument("--optimizer", default="stable_sam", help="With --model.")
     parser.add_argument(
         "--train-size", type=int, default=0, help="With --model: training images (0: all)."
     )

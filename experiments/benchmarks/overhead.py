@@ -57,7 +57,7 @@ def optimizer_configs(
     return {
         "sgd": (config("sgd"), False),
         "sam": (config("sam", rho=0.05), True),
-        "ssam": (config("ssam", rho=0.05), True),
+        "ssam": (config("stable_sam", rho=0.05), True),
         "rho0": (config("sam", rho=0.0), True),
         # SGD until the last epoch: the rho schedule is 0 for the whole benchmark.
         "rho0_schedule": (config("sam", rho=0.05, epochs=200, sam_start_epoch=199), True),
