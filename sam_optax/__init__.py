@@ -26,6 +26,7 @@ from sam_optax._sam import (
     stable_sam,
     usam,
 )
+from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
 from sam_optax._variants import (
     FriendlySAMState,
     GSAMState,
@@ -43,9 +44,12 @@ __version__ = "0.1.0"
 __all__ = [
     "SAMState",
     "accumulate_grad_fn",
+    "ascent_steps",
     "asam",
     "per_device",
     "perturbation",
+    "periodic_rho_schedule",
+    "randomized_rho_schedule",
     "sharpness",
     "sam",
     "stable_sam",
