@@ -22,11 +22,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import optax
 from flax.training import train_state
 
-__all__ = ["TrainState", "grad_fn"]
+from sam_optax._masks import mask_under
+
+__all__ = ["NORMALIZATION_LAYERS", "TrainState", "grad_fn", "normalization_mask"]
 
 
 class TrainState(train_state.TrainState):
@@ -136,3 +139,75 @@ def grad_fn(
         return grads[0] if has_aux else grads
 
     return gradient
+
+
+#: The layers whose parameters :func:`normalization_mask` selects.
+NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.InstanceNorm,
+)
+
+
+def normalization_mask(
+    module: nn.Module,
+    *init_args: Any,
+    rngs: Any = None,
+    layers: tuple[type[nn.Module], ...] = NORMALIZATION_LAYERS,
+    **init_kwargs: Any,
+) -> Any:
+    """The `perturb_mask` of SAM-ON: True on the parameters of normalization layers only.
+
+    SAM-ON (Mueller et al.) perturbs only the normalization layers' scales and biases and
+    reports most of SAM's gain, sometimes more; the second pass still runs over the whole model.
+    The layers are found by their type while ``module.init(rngs, *init_args, **init_kwargs)`` is
+    traced abstractly (``jax.eval_shape``: nothing is computed), so named and nested layers
+    count as well as auto-named ones.
+
+    Args:
+      module: the linen model.
+      *init_args: the arguments of its `init` after the keys (an input batch, ...).
+      rngs: the keys of `init` (default ``jax.random.key(0)``; only shapes are traced).
+      layers: the layer types to select (default :data:`NORMALIZATION_LAYERS`).
+      **init_kwargs: keyword arguments of its `init` (e.g. ``train=False``).
+
+    Returns:
+      A tree of booleans shaped as the model's ``params`` collection.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     return nn.Dense(1)(nn.LayerNorm()(nn.Dense(4)(x)))
+      >>> x = jnp.ones((2, 3))
+      >>> mask = sam_optax.linen.normalization_mask(Net(), x)
+      >>> mask["LayerNorm_0"], mask["Dense_0"]
+      ({'bias': True, 'scale': True}, {'bias': False, 'kernel': False})
+      >>> tx = optax.chain(sam_optax.sam(0.5, perturb_mask=mask), optax.sgd(0.1))
+
+    References:
+      Mueller et al., `Normalization Layers Are All That Sharpness-Aware Minimization Needs
+      <https://arxiv.org/abs/2306.04226>`_, NeurIPS 2023.
+    """
+    paths: set[tuple] = set()
+
+    def record(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        if isinstance(context.module, layers) and context.method_name == "__call__":
+            paths.add(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    keys = jax.random.key(0) if rngs is None else rngs
+    with nn.intercept_methods(record):
+        variables = jax.eval_shape(lambda: module.init(keys, *init_args, **init_kwargs))
+    if "params" not in variables:
+        raise ValueError(f"{type(module).__name__}.init returned no 'params' collection.")
+    if not paths:
+        raise ValueError(
+            f"{type(module).__name__} has no layer of the types {[t.__name__ for t in layers]}; "
+            "pass layers=(MyNorm,) for a normalization layer of your own."
+        )
+    return mask_under(variables["params"], paths)

@@ -23,7 +23,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-__all__ = ["grad_fn"]
+from sam_optax._masks import mask_under
+
+__all__ = ["NORMALIZATION_LAYERS", "grad_fn", "normalization_mask"]
 
 
 def grad_fn(
@@ -94,3 +96,59 @@ def grad_fn(
         return grads[0] if has_aux else grads
 
     return gradient
+
+
+#: The layers whose parameters :func:`normalization_mask` selects.
+NORMALIZATION_LAYERS: tuple[type[nnx.Module], ...] = (
+    nnx.BatchNorm,
+    nnx.LayerNorm,
+    nnx.GroupNorm,
+    nnx.RMSNorm,
+)
+
+
+def normalization_mask(
+    model: nnx.Module,
+    *,
+    wrt: Any = nnx.Param,
+    layers: tuple[type[nnx.Module], ...] = NORMALIZATION_LAYERS,
+) -> nnx.State:
+    """The `perturb_mask` of SAM-ON: True on the parameters of normalization layers only.
+
+    SAM-ON (Mueller et al.) perturbs only the normalization layers' scales and biases; the
+    second pass still runs over the whole model. The layers are found by their type in the
+    model's graph.
+
+    Args:
+      model: the NNX model.
+      wrt: the variables the optimizer updates (as for ``nnx.Optimizer``; default `nnx.Param`).
+      layers: the layer types to select (default :data:`NORMALIZATION_LAYERS`).
+
+    Returns:
+      An `nnx.State` of booleans shaped as the pure state ``nnx.Optimizer`` passes as params.
+
+    Example:
+      >>> import optax, sam_optax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.dense = nnx.Linear(3, 4, rngs=rngs)
+      ...     self.norm = nnx.LayerNorm(4, rngs=rngs)
+      >>> model = Net(nnx.Rngs(0))
+      >>> mask = sam_optax.nnx.normalization_mask(model)
+      >>> bool(mask["norm"]["scale"]), bool(mask["dense"]["kernel"])
+      (True, False)
+      >>> tx = optax.chain(sam_optax.sam(0.5, perturb_mask=mask), optax.sgd(0.1))
+      >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    References:
+      Mueller et al., `Normalization Layers Are All That Sharpness-Aware Minimization Needs
+      <https://arxiv.org/abs/2306.04226>`_, NeurIPS 2023.
+    """
+    paths = [tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, layers)]
+    if not paths:
+        raise ValueError(
+            f"{type(model).__name__} has no layer of the types {[t.__name__ for t in layers]}; "
+            "pass layers=(MyNorm,) for a normalization layer of your own."
+        )
+    return mask_under(nnx.as_pure(nnx.state(model, wrt)), paths)
