@@ -495,6 +495,23 @@ def synthetic_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    models: str | None,
+    batch_size: int | None = 128,
+    dtype: str = "float32",
+) -> None:
+    """``--models`` (comma-separated; left out where `models` is None), ``--model-kwargs``,
+    ``--batch-size`` (left out where `batch_size` is None) and ``--dtype``."""
+    if models is not None:
+        parser.add_argument("--models", default=models)
+    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: int = 1) -> None:
     parser.add_argument(
         "--quick",

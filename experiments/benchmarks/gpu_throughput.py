@@ -5,9 +5,10 @@ whole-epoch wall time through the real training loop (``trainer.train_and_evalua
     python -m experiments.benchmarks.gpu_throughput --peak-tflops 989 --batch-sizes 128,512
     python -m experiments.benchmarks.gpu_throughput --quick         # CPU smoke run, seconds
 
-For ResNet-18 and WRN-28-10 with sgd, sam and stable_sam at batch 128 and 512 in bfloat16: the jitted
-data-parallel step of ``trainer.create_experiment`` (the uint8 data set on the device, the batch
-gathered and augmented there: the host sends nothing per step), timed round-robin per model. MFU is
+For ResNet-18 and WRN-28-10 with sgd, sam and stable_sam at batch 128 and 512 in bfloat16: the
+jitted data-parallel step of ``trainer.create_experiment`` (the uint8 data set on the device, the
+batch gathered and augmented there: the host sends nothing per step), timed round-robin per model.
+MFU is
 model FLOPs per second over ``--peak-tflops`` (default 989, H100 SXM dense bf16), with the model
 FLOPs counted two ways: the published forward FLOPs per image (ResNet-18 1.11 G, WRN-28-10 10.5 G)
 x 3 for a training pass x the passes (1 for sgd, 2 for SAM), and XLA's cost analysis of the
@@ -110,11 +111,11 @@ def run_epoch(model_name: str, optimizer: str, batch: int, args, dataset) -> dic
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet18,wrn28_10")
-    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
+    common.add_model_arguments(
+        parser, models="resnet18,wrn28_10", batch_size=None, dtype="bfloat16"
+    )
     parser.add_argument("--optimizers", default="sgd,sam,stable_sam")
     parser.add_argument("--batch-sizes", default="128,512")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--num-devices", type=int, default=1, help="0: all devices.")
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="Dense peak (H100 SXM bf16: 989)."

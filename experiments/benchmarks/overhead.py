@@ -200,10 +200,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet18,wrn16_8")
-    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    common.add_model_arguments(parser, models="resnet18,wrn16_8")
     parser.add_argument(
         "--update-rounds",
         type=int,

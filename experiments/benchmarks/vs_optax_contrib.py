@@ -144,10 +144,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet18")
-    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    common.add_model_arguments(parser, models="resnet18")
     parser.add_argument("--rho", type=float, default=0.05)
     common.add_common_arguments(parser, rounds=4, warmup=1)
     args = parser.parse_args(argv)

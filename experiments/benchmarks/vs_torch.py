@@ -92,9 +92,7 @@ COLUMNS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"num_filters\": 16}'.")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    common.add_model_arguments(parser, models=None)
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument(
         "--torch-compile",
