@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax import _composition
+
 GradFn = Callable[[optax.Params], optax.Updates]
 # A pytree of booleans shaped like the params (or a prefix of it), or a function of the params
 # returning one. True marks the parameters that the ascent perturbs.
@@ -629,6 +631,7 @@ def sam(
     perturb_mask: PerturbMask = None,
     stable_max_scale: float | jax.Array | None = None,
     stable_norm: str = "plain",
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-aware minimization: replaces the gradient by the gradient at an ascent point.
 
@@ -696,6 +699,9 @@ def sam(
         second at the perturbed weights; with `axis_name`, eps is averaged over the axis. The
         official code's stable ASAM exactly (its T is |w|, i.e. eta = 0):
         ``sam(rho, adaptive=True, eta=0.0, stable=True, stable_norm="adaptive")``.
+      check_input_gradient: a debug check of the chain order: on the first step, raise a
+        ValueError if `updates` differs from grad_fn(params) (a transformation in front of sam).
+        Costs one more `grad_fn` evaluation on the first step; nothing when False (default).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params, *,
@@ -772,12 +778,19 @@ def sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         del extra_args
+        params = _composition.check_inputs(
+            updates, params, grad_fn, call="sam", micro_batches=micro_batches
+        )
         if grad_fn is None:
             raise TypeError(_MISSING_GRAD_FN)
         if params is None:
             raise ValueError(
                 "sam_optax transformations need `params`: call tx.update(grads, state, "
                 "params, grad_fn=...)."
+            )
+        if check_input_gradient:
+            _composition.check_input_gradient(
+                updates, params, grad_fn, state.count, call="sam", axis_name=axis_name
             )
         if _inside_multi_steps():
             warnings.warn(_MULTI_STEPS_WARNING, stacklevel=2)
