@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _composition
+from sam_optax._typing import Schedule
 
 GradFn = Callable[[optax.Params], optax.Updates]
 # A pytree of booleans shaped like the params (or a prefix of it), or a function of the params
@@ -618,7 +619,7 @@ def _micro_batch_count(micro_batches) -> int:
 
 
 def sam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     *,
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
@@ -906,7 +907,7 @@ def _signature_like_sam(positional: Sequence[str] = ("rho",), **defaults) -> ins
 
 
 def stable_sam(
-    rho: float | jax.Array | optax.Schedule = 0.05, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.05, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """StableSAM (Tan et al., JMLR 2025): :func:`sam` with ``stable=True``.
 
@@ -930,7 +931,7 @@ def stable_sam(
 
 
 def asam(
-    rho: float | jax.Array | optax.Schedule = 0.5, eta: float | jax.Array = 0.01, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.5, eta: float | jax.Array = 0.01, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive SAM (Kwon et al., ICML 2021): :func:`sam` with ``adaptive=True``.
 
@@ -954,7 +955,7 @@ def asam(
 
 
 def usam(
-    rho: float | jax.Array | optax.Schedule = 0.05, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.05, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Unnormalized SAM: :func:`sam` with ``normalize=False``, eps = rho g (rho T^2 g adaptive).
 

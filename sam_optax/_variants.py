@@ -41,6 +41,7 @@ from sam_optax._sam import (
     _typed_eps,
     per_device,
 )
+from sam_optax._typing import Schedule
 
 # --------------------------------------------------------------------------------------------
 # States.
@@ -298,7 +299,7 @@ def _with_shared_args(function: Callable) -> Callable:
 
 @_with_shared_args
 def gsam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     alpha: float | jax.Array = 0.1,
     *,
     minimize_perturbed: bool = True,
@@ -418,13 +419,13 @@ def gsam(
 
 
 def gsam_rho_schedule(
-    learning_rate: float | optax.Schedule,
+    learning_rate: float | Schedule,
     rho_max: float,
     rho_min: float = 0.0,
     *,
     lr_max: float,
     lr_min: float = 0.0,
-) -> optax.Schedule:
+) -> Schedule:
     r"""GSAM's rho tied to the learning rate, never below `rho_min`.
 
     .. math::
@@ -503,7 +504,7 @@ def _check_k(k: Any) -> None:
 
 @_with_shared_args
 def looksam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     k: int | jax.Array = 5,
     alpha: float | jax.Array = 0.7,
     *,
@@ -647,7 +648,7 @@ def looksam(
 
 @_with_shared_args
 def friendly_sam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     sigma: float | jax.Array = 1.0,
     lmbda: float | jax.Array = 0.9,
     *,
@@ -763,7 +764,7 @@ def friendly_sam(
 
 @_with_shared_args
 def vasso(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     theta: float | jax.Array = 0.9,
     *,
     adaptive: bool = False,
