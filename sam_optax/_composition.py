@@ -13,7 +13,7 @@ import functools
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from types import CodeType, FrameType
 from typing import Any
 
@@ -31,7 +31,7 @@ import optax
 def _wrapper_codes() -> dict[str, CodeType]:
     """The code objects of the `update` of the optax wrappers that sam cannot run inside."""
     codes = {}
-    wrappers = {
+    wrappers: dict[str, Callable[[], Any]] = {
         "lookahead": lambda: optax.lookahead(optax.identity(), sync_period=1, slow_step_size=0.5),
         "apply_if_finite": lambda: optax.apply_if_finite(optax.identity(), 1),
     }
@@ -42,7 +42,7 @@ def _wrapper_codes() -> dict[str, CodeType]:
     return codes
 
 
-def _frames(start: FrameType | None):
+def _frames(start: FrameType | None) -> Iterator[FrameType]:
     frame = start
     while frame is not None:
         yield frame

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 
-# optax.Schedule: a function of the step count (an integer array), which sam-optax calls with the
-# count of its state; a function typed for any array-like count fits too.
-Schedule = Callable[[jax.Array], jax.typing.ArrayLike]
+# optax.Schedule: a function of the step count, which sam-optax calls with the count of its state
+# (an integer array). `...`: a schedule typed for jax.Array counts fits as well as one typed for
+# any array-like count (optax's own).
+Schedule = Callable[..., jax.typing.ArrayLike]

@@ -425,7 +425,7 @@ def gsam_rho_schedule(
     *,
     lr_max: float,
     lr_min: float = 0.0,
-) -> Schedule:
+) -> Callable[[jax.typing.ArrayLike], jax.Array]:
     r"""GSAM's rho tied to the learning rate, never below `rho_min`.
 
     .. math::
