@@ -14,6 +14,7 @@
 """
 
 import importlib as _importlib
+from typing import Any as _Any
 
 from sam_optax import sharpness
 from sam_optax._accumulation import accumulate_grad_fn
@@ -70,7 +71,7 @@ __all__ = [
 _LAZY_SUBMODULES = ("linen", "nnx")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _Any:
     if name in _LAZY_SUBMODULES:
         return _importlib.import_module(f"sam_optax.{name}")
     raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_optax import _composition
+from sam_optax._typing import Schedule
+
 GradFn = Callable[[optax.Params], optax.Updates]
 # A pytree of booleans shaped like the params (or a prefix of it), or a function of the params
 # returning one. True marks the parameters that the ascent perturbs.
@@ -616,7 +619,7 @@ def _micro_batch_count(micro_batches) -> int:
 
 
 def sam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     *,
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
@@ -629,6 +632,7 @@ def sam(
     perturb_mask: PerturbMask = None,
     stable_max_scale: float | jax.Array | None = None,
     stable_norm: str = "plain",
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-aware minimization: replaces the gradient by the gradient at an ascent point.
 
@@ -696,6 +700,9 @@ def sam(
         second at the perturbed weights; with `axis_name`, eps is averaged over the axis. The
         official code's stable ASAM exactly (its T is |w|, i.e. eta = 0):
         ``sam(rho, adaptive=True, eta=0.0, stable=True, stable_norm="adaptive")``.
+      check_input_gradient: a debug check of the chain order: on the first step, raise a
+        ValueError if `updates` differs from grad_fn(params) (a transformation in front of sam).
+        Costs one more `grad_fn` evaluation on the first step; nothing when False (default).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params, *,
@@ -772,12 +779,19 @@ def sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         del extra_args
+        params = _composition.check_inputs(
+            updates, params, grad_fn, call="sam", micro_batches=micro_batches
+        )
         if grad_fn is None:
             raise TypeError(_MISSING_GRAD_FN)
         if params is None:
             raise ValueError(
                 "sam_optax transformations need `params`: call tx.update(grads, state, "
                 "params, grad_fn=...)."
+            )
+        if check_input_gradient:
+            _composition.check_input_gradient(
+                updates, params, grad_fn, state.count, call="sam", axis_name=axis_name
             )
         if _inside_multi_steps():
             warnings.warn(_MULTI_STEPS_WARNING, stacklevel=2)
@@ -893,7 +907,7 @@ def _signature_like_sam(positional: Sequence[str] = ("rho",), **defaults) -> ins
 
 
 def stable_sam(
-    rho: float | jax.Array | optax.Schedule = 0.05, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.05, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """StableSAM (Tan et al., JMLR 2025): :func:`sam` with ``stable=True``.
 
@@ -917,7 +931,7 @@ def stable_sam(
 
 
 def asam(
-    rho: float | jax.Array | optax.Schedule = 0.5, eta: float | jax.Array = 0.01, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.5, eta: float | jax.Array = 0.01, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive SAM (Kwon et al., ICML 2021): :func:`sam` with ``adaptive=True``.
 
@@ -941,7 +955,7 @@ def asam(
 
 
 def usam(
-    rho: float | jax.Array | optax.Schedule = 0.05, **kwargs: Any
+    rho: float | jax.Array | Schedule = 0.05, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Unnormalized SAM: :func:`sam` with ``normalize=False``, eps = rho g (rho T^2 g adaptive).
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sam_optax import _composition
 from sam_optax._sam import (
     _MISSING_GRAD_FN,
     AxisName,
@@ -40,6 +41,7 @@ from sam_optax._sam import (
     _typed_eps,
     per_device,
 )
+from sam_optax._typing import Schedule
 
 # --------------------------------------------------------------------------------------------
 # States.
@@ -125,6 +127,7 @@ def _axpy(a, x, y):
 
 def _zero_buffers(params):
     """Zeros shaped like the params, in float32 or the params' dtype if wider."""
+    params = _composition.lookahead_fast_params(params)
     return jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), _wide(jnp.asarray(w).dtype)), params)
 
 
@@ -155,6 +158,7 @@ class _Ascent:
     sync_ascent: bool
     perturb_mask: PerturbMask
     call: str
+    check_input_gradient: bool = False
 
     def check(self) -> None:
         _check_args(self.rho, self.eta, 2.0, 1)
@@ -178,7 +182,9 @@ class _Ascent:
     def average(self, tree):
         return tree if self.axis_name is None else jax.lax.pmean(tree, self.axis_name)
 
-    def check_call(self, updates, params, grad_fn) -> None:
+    def check_call(self, updates, params, grad_fn, count):
+        """The checks of `update`'s arguments; returns the params the ascent perturbs."""
+        params = _composition.check_inputs(updates, params, grad_fn, call=self.call)
         if grad_fn is None:
             raise TypeError(_MISSING_GRAD_FN)
         if params is None:
@@ -188,6 +194,11 @@ class _Ascent:
             )
         if self.axis_name is not None:
             _check_per_device_gradient(updates, self.axis_name)
+        if self.check_input_gradient:
+            _composition.check_input_gradient(
+                updates, params, grad_fn, count, call=self.call, axis_name=self.axis_name
+            )
+        return params
 
     @property
     def needs_eps(self) -> bool:
@@ -270,6 +281,9 @@ _SHARED_ARGS_DOC = """
         every device uses the same eps.
       perturb_mask: pytree of booleans (or a function of the params returning one) marking the
         parameters to perturb, as in :func:`sam_optax.sam`.
+      check_input_gradient: on the first step, raise a ValueError if `updates` differs from
+        grad_fn(params) (a transformation in front of it in the chain), as in
+        :func:`sam_optax.sam`. Costs one more `grad_fn` evaluation on the first step.
 """
 
 
@@ -285,7 +299,7 @@ def _with_shared_args(function: Callable) -> Callable:
 
 @_with_shared_args
 def gsam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     alpha: float | jax.Array = 0.1,
     *,
     minimize_perturbed: bool = True,
@@ -297,6 +311,7 @@ def gsam(
     axis_name: AxisName | None = None,
     sync_ascent: bool = False,
     perturb_mask: PerturbMask = None,
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate gap guided SAM (GSAM): SAM plus a descent step on the surrogate gap.
 
@@ -358,6 +373,7 @@ def gsam(
         axis_name=axis_name,
         sync_ascent=sync_ascent,
         perturb_mask=perturb_mask,
+        check_input_gradient=check_input_gradient,
     )
     _check_real("alpha", alpha, 0.0, None, "E.g. gsam(rho=0.05, alpha=0.1).")
 
@@ -374,7 +390,7 @@ def gsam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, GSAMState]:
         del extra_args
-        ascent.check_call(updates, params, grad_fn)
+        params = ascent.check_call(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         new_state = GSAMState(count=optax.safe_increment(state.count))
         g = ascent.average(updates)
@@ -403,13 +419,13 @@ def gsam(
 
 
 def gsam_rho_schedule(
-    learning_rate: float | optax.Schedule,
+    learning_rate: float | Schedule,
     rho_max: float,
     rho_min: float = 0.0,
     *,
     lr_max: float,
     lr_min: float = 0.0,
-) -> optax.Schedule:
+) -> Callable[[jax.typing.ArrayLike], jax.Array]:
     r"""GSAM's rho tied to the learning rate, never below `rho_min`.
 
     .. math::
@@ -488,7 +504,7 @@ def _check_k(k: Any) -> None:
 
 @_with_shared_args
 def looksam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     k: int | jax.Array = 5,
     alpha: float | jax.Array = 0.7,
     *,
@@ -500,6 +516,7 @@ def looksam(
     axis_name: AxisName | None = None,
     sync_ascent: bool = False,
     perturb_mask: PerturbMask = None,
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: the SAM gradient every k steps, reused in between at the cost of one pass.
 
@@ -561,6 +578,7 @@ def looksam(
         axis_name=axis_name,
         sync_ascent=sync_ascent,
         perturb_mask=perturb_mask,
+        check_input_gradient=check_input_gradient,
     )
     _check_k(k)
     _check_real("alpha", alpha, 0.0, None, "E.g. looksam(rho=0.05, k=5, alpha=0.7).")
@@ -577,7 +595,7 @@ def looksam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, LookSAMState]:
         del extra_args
-        ascent.check_call(updates, params, grad_fn)
+        params = ascent.check_call(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         count = optax.safe_increment(state.count)
         g = ascent.average(updates)
@@ -630,7 +648,7 @@ def looksam(
 
 @_with_shared_args
 def friendly_sam(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     sigma: float | jax.Array = 1.0,
     lmbda: float | jax.Array = 0.9,
     *,
@@ -642,6 +660,7 @@ def friendly_sam(
     axis_name: AxisName | None = None,
     sync_ascent: bool = False,
     perturb_mask: PerturbMask = None,
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly SAM (F-SAM): the ascent along the gradient minus its running mean.
 
@@ -697,6 +716,7 @@ def friendly_sam(
         axis_name=axis_name,
         sync_ascent=sync_ascent,
         perturb_mask=perturb_mask,
+        check_input_gradient=check_input_gradient,
     )
     hint = "E.g. friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)."
     _check_real("sigma", sigma, 0.0, None, hint)
@@ -714,7 +734,7 @@ def friendly_sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, FriendlySAMState]:
         del extra_args
-        ascent.check_call(updates, params, grad_fn)
+        params = ascent.check_call(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         first = state.count == 0
         # The first step: d = g and m = g (m_prev is 0 there).
@@ -744,7 +764,7 @@ def friendly_sam(
 
 @_with_shared_args
 def vasso(
-    rho: float | jax.Array | optax.Schedule = 0.05,
+    rho: float | jax.Array | Schedule = 0.05,
     theta: float | jax.Array = 0.9,
     *,
     adaptive: bool = False,
@@ -755,6 +775,7 @@ def vasso(
     axis_name: AxisName | None = None,
     sync_ascent: bool = False,
     perturb_mask: PerturbMask = None,
+    check_input_gradient: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variance-suppressed sharpness-aware optimization (VaSSO): the ascent along an EMA.
 
@@ -809,6 +830,7 @@ def vasso(
         axis_name=axis_name,
         sync_ascent=sync_ascent,
         perturb_mask=perturb_mask,
+        check_input_gradient=check_input_gradient,
     )
     hint = "E.g. vasso(rho=0.05, theta=0.9) (theta = 1 is SAM)."
     _check_real("theta", theta, 0.0, 1.0, hint)
@@ -828,7 +850,7 @@ def vasso(
         **extra_args: Any,
     ) -> tuple[optax.Updates, VaSSOState]:
         del extra_args
-        ascent.check_call(updates, params, grad_fn)
+        params = ascent.check_call(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         # The first step: d = g (d_prev is 0 there).
         theta_now = jnp.where(state.count == 0, 1.0, jnp.asarray(theta, jnp.float32))
