@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+MODULE = "experiments.benchmarks.cpu_collective_stall"
+
 
 def _worker(args: argparse.Namespace) -> int:
     flags = [f"--xla_force_host_platform_device_count={args.devices}"]
@@ -108,8 +110,15 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", __spec__.name if __spec__ else __file__, *argv,
-             "--worker", f"--process-id={pid}", f"--port={port}"],
+            [
+                sys.executable,
+                "-m",
+                MODULE,
+                *argv,
+                "--worker",
+                f"--process-id={pid}",
+                f"--port={port}",
+            ],
         )
         for pid in range(args.processes)
     ]
