@@ -396,7 +396,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     except ValueError as e:
         errors.append(str(e))
     try:
-        model_kwargs(config)
+        kwargs = model_kwargs(config)
+        if config.model in models.MODELS:  # the fields the model takes (nothing is built)
+            models.create_model(config.model, num_classes=2, **kwargs)
+    except TypeError as e:
+        errors.append(f"--model-kwargs: {e}")
     except ValueError as e:
         errors.append(str(e))
     if errors:

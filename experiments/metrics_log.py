@@ -77,18 +77,26 @@ class MetricsLog:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl``; unreadable lines (the partial last row of a run killed
-    mid-write by an older version) are dropped with a warning."""
+    mid-write by an older version, a hand-edited line that is no row with an epoch) are dropped
+    with a warning."""
     rows, dropped = [], 0
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+            else:
                 dropped += 1
     if dropped:
-        log(f"Warning: dropped {dropped} unreadable line(s) of {path} (a partial last row).")
+        log(
+            f"Warning: dropped {dropped} unreadable line(s) of {path} (a partial last row, or "
+            "a line that is not a metrics row)."
+        )
     return rows
 
 
