@@ -578,9 +578,9 @@ def test_resume_on_another_device_count_needs_a_flag(tmp_path, capsys):
 
 
 def test_out_of_range_labels_stop_before_training(tmp_path, capsys, monkeypatch):
-    from experiments import input_pipeline
+    from experiments.data import embedded
 
-    real_load = input_pipeline._load_digits
+    real_load = embedded.load_digits
 
     def label_99():
         splits = real_load()
@@ -588,7 +588,7 @@ def test_out_of_range_labels_stop_before_training(tmp_path, capsys, monkeypatch)
         labels[3] = 99
         return splits._replace(train_labels=labels)
 
-    monkeypatch.setattr(input_pipeline, "_load_digits", label_99)
+    monkeypatch.setattr(embedded, "load_digits", label_99)
     err = fails(flags(tmp_path / "run"), capsys)
     assert "label 99 at index 3 lies outside [0, 10)" in err
     assert not (tmp_path / "run").exists()
