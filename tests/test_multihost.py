@@ -253,3 +253,40 @@ def test_initialize_gets_the_flags_and_failures_are_messages(monkeypatch):
 
     with pytest.raises(config_lib.ConfigError, match="--process-id 2 must lie in"):
         config_lib.resolve(TrainConfig(num_processes=2, process_id=2))
+
+
+@pytest.mark.parametrize(
+    "backend, process_count, device_count, wait",
+    [
+        ("cpu", 1, 1, False),
+        ("cpu", 1, 4, True),  # XLA:CPU's in-process collectives
+        ("cpu", 2, 4, True),
+        ("cpu", 2, 2, False),  # one device per process: gloo only
+        ("gpu", 1, 8, False),
+        ("gpu", 4, 32, False),
+        ("tpu", 1, 8, False),
+        ("tpu", 16, 64, False),
+    ],
+)
+def test_only_multi_device_cpu_processes_wait_for_each_step(
+    backend, process_count, device_count, wait
+):
+    assert parallel.needs_step_sync(backend, process_count, device_count) is wait
+
+
+def test_the_stall_reproducer_runs_with_a_sync_per_step():
+    # The synced variant only: queued without syncs, the same steps deadlock on XLA:CPU.
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.benchmarks.cpu_collective_stall",
+        "--devices=2",
+        "--steps=50",
+        "--sync-every-step",
+        "--timeout=120",
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=150
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sync every step: ok" in result.stdout
