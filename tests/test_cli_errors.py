@@ -16,20 +16,12 @@ import struct
 
 import numpy as np
 import pytest
+from tiny_run import flags
 
 from experiments import run_dir
 from experiments import train as train_cli
 
-TINY = [
-    "--dataset=digits",
-    '--model-kwargs={"features": [4]}',
-    "--train-size=64",
-    "--validation-size=32",
-    "--batch-size=32",
-    "--epochs=2",
-    "--num-devices=1",
-    "--no-progress",
-]
+TINY = flags(None)[:-1]  # without --output-dir
 
 
 def fails(argv: list[str], capsys) -> str:

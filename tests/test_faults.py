@@ -22,28 +22,12 @@ import time
 
 import numpy as np
 import pytest
+from tiny_run import flags
 
 from experiments import config as config_lib
 from experiments import reporting, run_dir, steps
 from experiments import sweep as sweep_lib
 from experiments import train as train_cli
-
-TINY_MODEL = '{"features": [4]}'
-
-
-def flags(output_dir, *extra: str) -> list[str]:
-    return [
-        "--dataset=digits",
-        f"--model-kwargs={TINY_MODEL}",
-        "--train-size=64",
-        "--validation-size=32",
-        "--batch-size=32",
-        "--epochs=2",
-        "--num-devices=1",
-        "--no-progress",
-        f"--output-dir={output_dir}",
-        *extra,
-    ]
 
 
 def fails(argv: list[str], capsys, status: int = 2) -> str:

@@ -16,6 +16,7 @@ import os
 import shutil
 
 import pytest
+import tiny_run
 
 from experiments import metrics_log, run_dir
 from experiments import train as train_cli
@@ -24,18 +25,7 @@ EPOCHS = 3
 
 
 def flags(output_dir, *extra: str) -> list[str]:
-    return [
-        "--dataset=digits",
-        '--model-kwargs={"features": [4]}',
-        "--train-size=64",
-        "--validation-size=32",
-        "--batch-size=32",
-        f"--epochs={EPOCHS}",
-        "--num-devices=1",
-        "--no-progress",
-        f"--output-dir={output_dir}",
-        *extra,
-    ]
+    return tiny_run.flags(output_dir, *extra, epochs=EPOCHS)
 
 
 def rows(output_dir) -> list[dict]:
