@@ -64,7 +64,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     step = jax.jit(
         jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()),
-        donate_argnums=(0,),
+        donate_argnums=() if args.no_donate or args.independent else (0,),
     )
     rng = np.random.default_rng(0)
     weights_host = rng.normal(size=(num_devices, width, width)).astype(np.float32) / width**0.5
@@ -76,17 +76,21 @@ def _worker(args: argparse.Namespace) -> int:
         state_host.shape, NamedSharding(mesh, P()), lambda i: state_host[i]
     )
     state = jax.block_until_ready(step(state, weights))  # compile and warm up
+    first = state
     steps = args.steps
     t0 = time.perf_counter()
     for _ in range(steps):
+        if args.independent:  # every step from the same input: no step waits for another
+            step(first, weights)
+            continue
         state = step(state, weights)
         if args.sync_every_step:
             jax.block_until_ready(state)
-    jax.block_until_ready(state)
+    jax.block_until_ready(step(state, weights) if args.independent else state)
     seconds = time.perf_counter() - t0
 
     want = state_host
-    for _ in range(steps + 1):
+    for _ in range(2 if args.independent else steps + 1):
         want = np.mean(np.tanh(weights_host @ want), axis=0)
     got = np.asarray(state.addressable_shards[0].data)
     ok = np.allclose(got, want, rtol=1e-3, atol=1e-4)
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--sync-every-step", action="store_true")
+    parser.add_argument("--no-donate", action="store_true", help="keep each step's input state")
+    parser.add_argument(
+        "--independent", action="store_true", help="every step from the same input (no donation)"
+    )
     parser.add_argument(
         "--terminate-timeout",
         type=int,
