@@ -6,6 +6,9 @@
     python -m experiments.benchmarks.cpu_collective_stall --processes 2 --devices 2 --steps 2000
     # the same with a host sync after every step:
     python -m experiments.benchmarks.cpu_collective_stall --devices 4 --sync-every-step
+    # without buffer donation, or with steps that do not depend on each other:
+    python -m experiments.benchmarks.cpu_collective_stall --devices 4 --no-donate
+    python -m experiments.benchmarks.cpu_collective_stall --devices 4 --independent
     # only on some cores (starve the device threads), and with a short rendezvous timeout:
     taskset -c 0 python -m experiments.benchmarks.cpu_collective_stall --devices 4 \
         --terminate-timeout 5
