@@ -219,6 +219,12 @@ class TrainConfig:
     process_id: int = _field(
         -1, "This process's index in [0, --num-processes) (-1: detected from the environment)."
     )
+    distributed_timeout: int = _field(
+        0,
+        "Seconds a multi-host process waits for the others: to start, for a peer that stopped "
+        "answering (a dead peer ends the survivors with exit status 1), and at shutdown "
+        "(0: JAX's defaults, 300, 100 and 300 s).",
+    )
     # Output.
     output_dir: str = _field(
         "", "Directory for config, metrics, checkpoints and summary. Default: runs/<name>."
@@ -274,6 +280,7 @@ RESUME_INDEPENDENT_FIELDS: frozenset[str] = frozenset(
         "coordinator_address",
         "num_processes",
         "process_id",
+        "distributed_timeout",
         "eval_batch_size",
         "eval_every",
         "allow_device_change",
@@ -365,6 +372,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"--process-id {config.process_id} must lie in [0, --num-processes) = "
             f"[0, {config.num_processes})."
         )
+    if config.distributed_timeout < 0:
+        errors.append("--distributed-timeout must be >= 0 seconds (0: JAX's defaults).")
     if config.stop_after_epoch < 0:
         errors.append("--stop-after-epoch must be >= 0.")
     if config.resume and config.overwrite:
@@ -387,7 +396,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     except ValueError as e:
         errors.append(str(e))
     try:
-        model_kwargs(config)
+        kwargs = model_kwargs(config)
+        if config.model in models.MODELS:  # the fields the model takes (nothing is built)
+            models.create_model(config.model, num_classes=2, **kwargs)
+    except TypeError as e:
+        errors.append(f"--model-kwargs: {e}")
     except ValueError as e:
         errors.append(str(e))
     if errors:

@@ -11,7 +11,7 @@ from typing import Any
 
 from experiments import reporting
 from experiments.parallel import sync
-from experiments.run_dir import METRICS_CSV, METRICS_JSONL, TENSORBOARD_DIR
+from experiments.run_dir import METRICS_CSV, METRICS_JSONL, TENSORBOARD_DIR, RunError
 from experiments.runtime import log
 
 
@@ -46,8 +46,18 @@ class MetricsLog:
                 pass
 
     def _rewrite(self) -> None:
-        reporting.write_jsonl(os.path.join(self.output_dir, METRICS_JSONL), self.rows)
-        reporting.write_csv(os.path.join(self.output_dir, METRICS_CSV), self.rows)
+        """Replaces both files; a failed write (a full disk, a folder made read-only or removed
+        under the run) leaves the previous files whole and ends the run with a message."""
+        try:
+            reporting.write_jsonl(os.path.join(self.output_dir, METRICS_JSONL), self.rows)
+            reporting.write_csv(os.path.join(self.output_dir, METRICS_CSV), self.rows)
+        except OSError as e:
+            epoch = self.rows[-1].get("epoch", "?") if self.rows else 0
+            raise RunError(
+                f"Could not write the metrics of epoch {epoch} to {self.output_dir} "
+                f"({type(e).__name__}: {e.strerror or e}). Check free disk space, permissions "
+                "and that the folder still exists, then continue with --resume."
+            ) from None
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -67,18 +77,26 @@ class MetricsLog:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl``; unreadable lines (the partial last row of a run killed
-    mid-write by an older version) are dropped with a warning."""
+    mid-write by an older version, a hand-edited line that is no row with an epoch) are dropped
+    with a warning."""
     rows, dropped = [], 0
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+            else:
                 dropped += 1
     if dropped:
-        log(f"Warning: dropped {dropped} unreadable line(s) of {path} (a partial last row).")
+        log(
+            f"Warning: dropped {dropped} unreadable line(s) of {path} (a partial last row, or "
+            "a line that is not a metrics row)."
+        )
     return rows
 
 

@@ -57,9 +57,21 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
         f"process count {num_processes or 'not set'}, "
         f"process id {'not set' if process_id is None else process_id}"
     )
+    timeouts = {}
+    if config.distributed_timeout:
+        # A peer that stops answering for the heartbeat timeout ends every other process (JAX's
+        # coordination service terminates it), so a dead host cannot leave the job hanging.
+        timeouts = dict(
+            initialization_timeout=config.distributed_timeout,
+            heartbeat_timeout_seconds=config.distributed_timeout,
+            shutdown_timeout_seconds=config.distributed_timeout,
+        )
     try:
         jax.distributed.initialize(
-            coordinator_address=address, num_processes=num_processes, process_id=process_id
+            coordinator_address=address,
+            num_processes=num_processes,
+            process_id=process_id,
+            **timeouts,
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(
@@ -75,6 +87,18 @@ def maybe_initialize_distributed(config: TrainConfig) -> None:
             "reachable at the coordinator address."
         ) from None
     _DISTRIBUTED_INITIALIZED = True
+
+
+# XLA:CPU deadlocks when a few dozen steps that all-reduce across 2 or more devices of one
+# process are queued at once: one device's part of a step never starts while the others wait
+# for it in the collective (in-process collectives abort after the rendezvous timeout of
+# https://github.com/openxla/xla/pull/32115, gloo waits for ever). One device per process, and
+# GPU and TPU backends, do not (experiments/benchmarks/cpu_collective_stall.py).
+def needs_step_sync(backend: str, process_count: int, device_count: int) -> bool:
+    """Whether the host must wait for each train step before dispatching the next: on the CPU
+    backend with more than one device per process (`device_count` is the mesh's, every
+    process's devices together). Never on GPU or TPU, in one process or many."""
+    return backend == "cpu" and device_count > process_count
 
 
 def is_main_process() -> bool:

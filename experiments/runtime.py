@@ -38,9 +38,31 @@ def exit_status(error: BaseException) -> ExitStatus | None:
     if isinstance(error, bad_input):
         # Flag, output-folder and data problems: the message says what to do.
         return ExitStatus.BAD_INPUT
-    if isinstance(error, run_dir.RunError | OSError):
+    if isinstance(error, run_dir.RunError | OSError) or _is_peer_failure(error):
         return ExitStatus.RUN_FAILED
     return None
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed computation of a multi-process run: its collectives fail when
+    another process dies (gloo: 'Connection reset by peer', 'Connection closed by peer')."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return isinstance(error, jax.errors.JaxRuntimeError) and jax.process_count() > 1
+
+
+def _peer_failure_message(error: BaseException) -> str:
+    import jax
+
+    # XLA repeats this prefix once per queued step that the failure cancelled.
+    cause = str(error).replace("Error dispatching computation: ", "").splitlines()[0]
+    return (
+        f"a computation of this {jax.process_count()}-process run failed, most likely because "
+        f"another process stopped ({cause}). Restart every process with --resume: the run "
+        "continues from its last complete checkpoint."
+    )
 
 
 def fail(message: Any, status: ExitStatus) -> NoReturn:
@@ -54,6 +76,12 @@ def fail_on(error: BaseException) -> NoReturn:
     status = exit_status(error)
     if status is None:
         raise error
+    if _is_peer_failure(error):
+        print(f"error: {_peer_failure_message(error)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Exit now: JAX's shutdown at interpreter exit would wait for the dead process and then
+        # abort this one. The output folder's lock and the checkpoints are closed by now.
+        os._exit(int(status))
     fail(error, status)
 
 

@@ -335,12 +335,8 @@ def train_epoch(
     )
     step_metrics = []
     t0 = time.perf_counter()
-    # Wait for each step where collectives ran on the CPU or between processes: with many steps
-    # in flight, 2 processes on CPU (gloo) were seen to stall, and one process with 4 simulated
-    # CPU devices on 2 cores aborted in XLA's all-reduce rendezvous (3 of the 4 device threads
-    # arrived). One host sync per step there; GPU runs in one process keep the queue full.
-    serialize = jax.process_count() > 1 or (
-        jax.default_backend() == "cpu" and experiment.num_devices > 1
+    serialize = parallel.needs_step_sync(
+        jax.default_backend(), jax.process_count(), experiment.num_devices
     )
     for i in range(num_steps):
         state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
