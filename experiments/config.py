@@ -57,8 +57,16 @@ class ConfigError(ValueError):
     """A bad flag or combination of flags; the message says what to pass instead."""
 
 
-def _field(default: Any, help: str, **metadata: Any) -> Any:
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field that is also a command-line flag (see :func:`add_arguments`)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata=dict(help=help, **metadata)
+        )
     return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
+_field = option
 
 
 @dataclasses.dataclass
@@ -544,6 +552,8 @@ def add_arguments(
             options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = f.metadata.get("parse", _scalar_type(hints[f.name]))
+            if "flag" in f.metadata and "choices" not in f.metadata:
+                options["metavar"] = _flag(f).lstrip("-").replace("-", "_").upper()
             for key in ("choices", "nargs", "metavar"):
                 if key in f.metadata:
                     options[key] = f.metadata[key]
@@ -563,6 +573,7 @@ def build_parser(
         "in about a minute on a CPU."
     ),
     protocol: type | None = None,
+    protocol_title: str = "protocol",
     defaults: Mapping[str, Any] | None = None,
     exclude: Iterable[str] = (),
     aliases: Mapping[str, Sequence[str]] | None = None,
@@ -599,7 +610,7 @@ def build_parser(
         )
     training: argparse.ArgumentParser | argparse._ArgumentGroup = parser
     if protocol is not None:
-        own = parser.add_argument_group(protocol.__name__.lower())
+        own = parser.add_argument_group(protocol_title)
         add_arguments(own, protocol, suppress_defaults=suppress_defaults)
         training = parser.add_argument_group("training (every run)")
     add_arguments(
