@@ -500,11 +500,15 @@ class _DeprecatedFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
         self.new_flag = new_flag
 
+    warned: set[str] = set()  # once per spelling and process
+
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(
-            f"warning: {option_string} is deprecated and will be removed; use {self.new_flag}.",
-            file=sys.stderr,
-        )
+        if option_string not in self.warned:
+            self.warned.add(option_string)
+            print(
+                f"warning: {option_string} is deprecated and will be removed; use {self.new_flag}.",
+                file=sys.stderr,
+            )
         setattr(namespace, self.dest, values)
 
 

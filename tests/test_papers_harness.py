@@ -203,7 +203,8 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     }
     assert args.optimizers[0] == optimizer_registry.BASELINE
     assert {"usam", "stable_usam"} <= set(args.optimizers)
-    assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
+    base = args.base
+    assert (base.dataset, base.model, base.train_size, base.epochs, args.seeds) == (
         "fashion_mnist", "mlp", 5000, 25, 3,
     )  # fmt: skip
     assert args.noise_rates == (0.0, 0.4) and args.rho == {}
@@ -211,7 +212,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert config.output_dir.endswith(os.path.join("runs", "symmetric40", "asam-s2"))
     assert config_lib.resolve(config).rho == optimizer_registry.default_rho("asam")
     overridden = label_noise.parse_args(["--rho", "sam=0.1", "--epochs", "5"])
-    assert overridden.rho == {"sam": 0.1} and overridden.epochs == 5
+    assert overridden.rho == {"sam": 0.1} and overridden.base.epochs == 5
     with pytest.raises(SystemExit):
         label_noise.parse_args(["--rho", "nosuch=0.1"])
     assert {"label_noise", "late_phase_fashion"} <= set(refresh_figures.FIGURES)
