@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import metrics_log, optimizer_registry, reporting, run_dir, runtime
+from experiments import flags, metrics_log, optimizer_registry, reporting, run_dir, runtime
 from experiments.config import TrainConfig
 from experiments.runtime import ExitStatus
 
@@ -88,25 +88,25 @@ class SweepConfig:
     output_dir: str = dataclasses.field(
         metadata=dict(required=True, help="Directory of the sweep.")
     )
-    learning_rates: tuple[float, ...] = config_lib.option(
+    learning_rates: tuple[float, ...] = flags.option(
         (0.01, 0.05, 0.1), "Learning rates of the SGD grid.", flag="--lrs", parse=_floats
     )
-    weight_decays: tuple[float, ...] = config_lib.option(
+    weight_decays: tuple[float, ...] = flags.option(
         (1e-4, 5e-4, 1e-3), "Weight decays of the SGD grid.", flag="--wds", parse=_floats
     )
-    optimizers: tuple[str, ...] = config_lib.option(
+    optimizers: tuple[str, ...] = flags.option(
         PROTOCOL_VARIANTS,
         f"SAM variants to compare with SGD (any of {','.join(SAM_VARIANTS)}).",
         parse=_optimizers,
     )
-    rhos: tuple[float, ...] = config_lib.option(
+    rhos: tuple[float, ...] = flags.option(
         (0.05, 0.1, 0.2), "rho grid of the non-adaptive variants.", parse=_floats
     )
-    asam_rhos: tuple[float, ...] = config_lib.option(
+    asam_rhos: tuple[float, ...] = flags.option(
         (0.5, 1.0, 2.0), f"rho grid of the adaptive variants ({_ADAPTIVE_VARIANTS}).", parse=_floats
     )
-    seeds: int = config_lib.option(3, "Seeds (0..N-1) of each best configuration.")
-    selection: str = config_lib.option(
+    seeds: int = flags.option(3, "Seeds (0..N-1) of each best configuration.")
+    selection: str = flags.option(
         "final_val_accuracy",
         "Validation metric that picks the best configuration (final_val_accuracy: the accuracy "
         "at the end of training, the epoch whose test accuracy is reported).",
@@ -135,8 +135,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
-    values = config_lib.parse_command_line(argv, build_parser)
-    own, training = config_lib.split_fields(values, SweepConfig)
+    values = flags.parse_command_line(argv, build_parser)
+    own, training = flags.split_fields(values, SweepConfig)
     if own["seeds"] < 1:
         runtime.fail("--seeds must be >= 1", ExitStatus.BAD_INPUT)
     return SweepConfig(base=TrainConfig(**training, output_dir="", optimizer="sgd"), **own)

@@ -188,7 +188,9 @@ def create_experiment(
         **config_lib.model_kwargs(config),
     )
     learning_rate = optimizers.learning_rate_schedule(config, steps_per_epoch)
-    tx = optimizers.build_optimizer(config, steps_per_epoch, learning_rate=learning_rate)
+    tx = optimizers.build_optimizer(
+        config, steps_per_epoch, axis_name=steps.AXIS, learning_rate=learning_rate
+    )
     preprocess = steps.Preprocess(
         mean=tuple(float(m) for m in dataset.mean),
         std=tuple(float(s) for s in dataset.std),
@@ -208,8 +210,6 @@ def create_experiment(
         opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
 
-    uses_sam = optimizers.uses_sam(config)
-
     def sharded_train_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
         step_fn = steps.make_train_step(
             model,
@@ -217,7 +217,7 @@ def create_experiment(
             preprocess,
             num_classes=dataset.num_classes,
             label_smoothing=config.label_smoothing,
-            sam=uses_sam,
+            axis_name=steps.AXIS,
         )
         return parallel.shard_train_step(
             step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
@@ -226,10 +226,15 @@ def create_experiment(
     train_step_before_sam = None
     if _separate_step_before_sam(config):
         tx_before_sam = optimizers.build_optimizer(
-            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch, learning_rate=learning_rate
+            config.replace(sam_start_epoch=0, rho=0.0),
+            steps_per_epoch,
+            axis_name=steps.AXIS,
+            learning_rate=learning_rate,
         )
         train_step_before_sam = sharded_train_step(tx_before_sam)
-    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
+    eval_fn = steps.make_eval_step(
+        model, preprocess, num_classes=dataset.num_classes, axis_name=steps.AXIS
+    )
     return Experiment(
         config=config,
         mesh=mesh,
@@ -241,7 +246,9 @@ def create_experiment(
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
         learning_rate=learning_rate,
-        rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
+        rho=optimizers.rho_schedule(config, steps_per_epoch)
+        if optimizers.uses_sam(config)
+        else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
         train_step_before_sam=train_step_before_sam,

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import optimizer_registry, reporting, runtime, trainer
-from experiments.config import TrainConfig, option
+from experiments import flags, optimizer_registry, reporting, runtime, trainer
+from experiments.config import TrainConfig
+from experiments.flags import option
 from experiments.papers import cached_runs, common
 
 NAME = "label_noise"
@@ -151,8 +152,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
-    values = config_lib.parse_command_line(argv, build_parser, PRESETS.__getitem__)
-    own, training = config_lib.split_fields(values, LabelNoiseConfig)
+    values = flags.parse_command_line(argv, build_parser, PRESETS.__getitem__)
+    own, training = flags.split_fields(values, LabelNoiseConfig)
     noise_rates = tuple(dict.fromkeys(float(r) for r in own["noise_rates"]))
     if any(not 0 <= r < 1 for r in noise_rates):
         build_parser().error(f"--noise-rates must lie in [0, 1), got {noise_rates}")

@@ -32,8 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import input_pipeline, optimizer_registry, reporting, runtime, steps, trainer
-from experiments.config import TrainConfig, option
+from experiments import (
+    flags,
+    input_pipeline,
+    optimizer_registry,
+    reporting,
+    runtime,
+    steps,
+    trainer,
+)
+from experiments.config import TrainConfig
+from experiments.flags import option
 from experiments.papers import cached_runs, common
 from sam_optax import sharpness
 
@@ -108,8 +117,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LatePhaseFashionConfig:
-    values = config_lib.parse_command_line(argv, build_parser)
-    own, training = config_lib.split_fields(values, LatePhaseFashionConfig)
+    values = flags.parse_command_line(argv, build_parser)
+    own, training = flags.split_fields(values, LatePhaseFashionConfig)
     base = TrainConfig(**training)
     error = build_parser().error
     if not 0 < own["sam_epochs"] < base.epochs:
