@@ -191,24 +191,10 @@ def create_experiment(
     tx = optimizers.build_optimizer(
         config, steps_per_epoch, axis_name=steps.AXIS, learning_rate=learning_rate
     )
-    preprocess = steps.Preprocess(
-        mean=tuple(float(m) for m in dataset.mean),
-        std=tuple(float(s) for s in dataset.std),
-        dtype=dtype,
-        crop_padding=config.crop_padding,
-        flip=dataset.random_flip if config.flip is None else config.flip,
-        cutout=config.cutout,
-    )
+    preprocess = _preprocess(config, dataset, dtype)
+    state = _initial_state(model, tx, config.seed, dataset, mesh)
 
-    rep = parallel.replicated(mesh)
-    variables = _initial_variables(model, config.seed, tuple(dataset.train_images.shape[1:]))
-    params = jax.tree.map(lambda x: put_global(x, rep), variables["params"])
-    state = TrainState(
-        step=put_global(np.zeros([], np.int32), rep),
-        params=params,
-        batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
-        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
-    )
+    uses_sam = optimizers.uses_sam(config)
 
     def sharded_train_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
         step_fn = steps.make_train_step(
@@ -246,12 +232,42 @@ def create_experiment(
         splits=_device_splits(dataset, mesh, config.eval_batch_size),
         steps_per_epoch=steps_per_epoch,
         learning_rate=learning_rate,
-        rho=optimizers.rho_schedule(config, steps_per_epoch)
-        if optimizers.uses_sam(config)
-        else 0.0,
+        rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
         train_step_before_sam=train_step_before_sam,
+    )
+
+
+def _preprocess(
+    config: TrainConfig, dataset: input_pipeline.Dataset, dtype: Any
+) -> steps.Preprocess:
+    return steps.Preprocess(
+        mean=tuple(float(m) for m in dataset.mean),
+        std=tuple(float(s) for s in dataset.std),
+        dtype=dtype,
+        crop_padding=config.crop_padding,
+        flip=dataset.random_flip if config.flip is None else config.flip,
+        cutout=config.cutout,
+    )
+
+
+def _initial_state(
+    model: Any,
+    tx: optax.GradientTransformationExtraArgs,
+    seed: int,
+    dataset: input_pipeline.Dataset,
+    mesh: Mesh,
+) -> TrainState:
+    """The state at step 0, replicated over `mesh`."""
+    rep = parallel.replicated(mesh)
+    variables = _initial_variables(model, seed, tuple(dataset.train_images.shape[1:]))
+    params = jax.tree.map(lambda x: put_global(x, rep), variables["params"])
+    return TrainState(
+        step=put_global(np.zeros([], np.int32), rep),
+        params=params,
+        batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
+        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
 
 
