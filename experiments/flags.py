@@ -10,6 +10,7 @@ own dataclass to the same flags.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import sys
 import types
@@ -28,10 +29,13 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
 
 
 def _scalar_type(annotation: Any) -> type:
-    """int/float/str/bool from an evaluated annotation such as ``int | None``."""
+    """int/float/str/bool from an evaluated annotation such as ``int | None`` (the items' type
+    for ``Sequence[int]`` or ``tuple[float, ...]``: a flag with ``nargs`` parses each item)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = args[0]
+    if typing.get_origin(annotation) in (tuple, list, collections.abc.Sequence):
+        annotation = typing.get_args(annotation)[0]
     return annotation
 
 
@@ -136,3 +140,27 @@ def split_fields(values: Mapping[str, Any], cls: type) -> tuple[dict[str, Any], 
     names = {f.name for f in dataclasses.fields(cls)}
     own = {k: v for k, v in values.items() if k in names}
     return own, {k: v for k, v in values.items() if k not in names}
+
+
+def parse(
+    cls: type, argv: Sequence[str] | None, *, prog: str | None = None, description: str = ""
+) -> dict[str, Any]:
+    """The values of a command line made of `cls`'s flags alone, by field name."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser, cls)
+    return vars(parser.parse_args(argv))
+
+
+def methods_option(methods: Sequence[str], help: str = "Methods to run.") -> Any:
+    """``--methods``: which of `methods` to run (all by default; old optimizer names accepted)."""
+    from experiments import optimizer_registry
+
+    return option(
+        tuple(methods),
+        help,
+        nargs="+",
+        parse=optimizer_registry.canonical_name,
+        choices=tuple(methods),
+    )
