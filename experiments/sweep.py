@@ -163,10 +163,6 @@ class Runner:
     def __init__(self, sweep: SweepConfig, train_fn: TrainFn | None = None):
         self.sweep = sweep
         self.results: list[dict[str, Any]] = []
-        if train_fn is None:
-            from experiments import trainer
-
-            train_fn = trainer.train_and_evaluate
         self.train_fn = train_fn
 
     def run(
@@ -191,12 +187,15 @@ class Runner:
             overwrite=False,
             stop_after_epoch=0,
         )
-        summary = run_dir.finished_summary(config_lib.resolve(config))
-        if summary is not None:
+        # Imported here so that --help answers before JAX starts a backend.
+        from experiments import trainer
+
+        print(f"[sweep] {phase}: {output_dir}")
+        summary, trained = trainer.train_unless_finished(
+            config_lib.resolve(config), train_fn=self.train_fn
+        )
+        if not trained:
             print(f"[sweep] {phase}: {output_dir} already done, skipped.")
-        else:
-            print(f"[sweep] {phase}: training {output_dir}")
-            summary = dict(self.train_fn(config))
         if summary.get("diverged"):
             print(f"[sweep] {phase}: {output_dir} diverged: {summary.get('error', '')}")
         record = {

@@ -441,6 +441,26 @@ def train_and_evaluate(
             return _train(experiment, manager, wall_start)
 
 
+def train_unless_finished(
+    config: TrainConfig,
+    dataset: input_pipeline.Dataset | None = None,
+    train_fn: Callable[..., dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Trains `config` (resolved) unless its output directory holds it finished; returns the
+    summary and whether it trained now.
+
+    The rule of :func:`experiments.run_dir.finished_summary` (a finished run of another
+    configuration is refused, naming the fields that differ); an unfinished run continues from
+    its last checkpoint. `train_fn` stands in for :func:`train_and_evaluate` (a test's fake).
+    """
+    summary = run_dir.finished_summary(config)
+    if summary is not None:
+        return summary, False
+    run = config.replace(resume=True, overwrite=False, stop_after_epoch=0)
+    train_fn = train_fn or train_and_evaluate
+    return dict(train_fn(run) if dataset is None else train_fn(run, dataset)), True
+
+
 def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
     """Whether an epoch kept every loss and parameter finite. The row's loss is the mean of the
     steps' losses, so it is finite only if each of them was; the parameters and BatchNorm

@@ -44,11 +44,7 @@ def run_or_load(
     An unfinished run continues from its last checkpoint; a finished run of another
     configuration is refused with the fields that differ (:func:`run_dir.finished_summary`).
     """
-    summary = run_dir.finished_summary(config)
-    trained = summary is None
-    if summary is None:
-        run = config.replace(resume=True, overwrite=False, stop_after_epoch=0)
-        summary = trainer.train_and_evaluate(run, dataset)
+    summary, trained = trainer.train_unless_finished(config, dataset)
     return summary, read_metrics(config.output_dir), trained
 
 
