@@ -515,7 +515,8 @@ def build_parser(
             choices=tuple(preset_names),
             default=argparse.SUPPRESS if suppress_defaults else default_preset,
             metavar="NAME",
-            help="Start from a named configuration; explicit flags override it"
+            help=f"Start from a named configuration{' (listed below)' if epilog else ''}; "
+            "explicit flags override it"
             + (f" (default: {default_preset})." if default_preset else "."),
         )
     training: argparse.ArgumentParser | argparse._ArgumentGroup = parser
