@@ -119,16 +119,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _check_batch_size(config: TrainConfig, num_devices: int, num_train: int) -> None:
-    if config.batch_size % num_devices:
+def _check_batch_size(batch_size: int, num_devices: int, num_train: int) -> None:
+    if batch_size % num_devices:
         raise config_lib.ConfigError(
-            f"--batch-size {config.batch_size} does not divide by the {num_devices} devices: "
-            f"pass a multiple of {num_devices} (e.g. {_round_up(config.batch_size, num_devices)})"
+            f"--batch-size {batch_size} does not divide by the {num_devices} devices: "
+            f"pass a multiple of {num_devices} (e.g. {_round_up(batch_size, num_devices)})"
             " or use fewer devices with --num-devices."
         )
-    if config.batch_size > num_train:
+    if batch_size > num_train:
         raise config_lib.ConfigError(
-            f"--batch-size {config.batch_size} exceeds the {num_train} training images."
+            f"--batch-size {batch_size} exceeds the {num_train} training images."
         )
 
 
@@ -177,7 +177,7 @@ def create_experiment(
     The step donates its `state` argument: carry on with the state it returns.
     """
     mesh = mesh if mesh is not None else parallel.create_mesh(config.num_devices)
-    _check_batch_size(config, mesh.devices.size, len(dataset.train_labels))
+    _check_batch_size(config.batch_size, mesh.devices.size, len(dataset.train_labels))
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
