@@ -1,8 +1,8 @@
 """The training configuration: one dataclass, its command line, and its defaults.
 
-Every field carries its help text in `dataclasses.field(metadata=...)`; :func:`add_arguments`
-turns the fields into argparse flags (``learning_rate`` -> ``--learning-rate``), so the command
-line, ``config.json`` and the Python API never drift apart. Fields whose best default depends on
+Every field carries its help text in its metadata (:func:`experiments.flags.option`); the
+command line is generated from the fields (:func:`build_parser`), so the command line,
+``config.json`` and the Python API never drift apart. Fields whose best default depends on
 the data set or the optimizer default to ``None`` and are filled in by :func:`resolve`.
 """
 
@@ -12,12 +12,11 @@ import argparse
 import dataclasses
 import json
 import math
-import types
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from experiments import input_pipeline, models, optimizer_registry, presets
+from experiments.flags import add_arguments, option, parse_command_line
 
 # Defined once, where they live: the data sets the pipeline loads, the models of the zoo and the
 # optimizers of the variant registry.
@@ -56,8 +55,7 @@ class ConfigError(ValueError):
     """A bad flag or combination of flags; the message says what to pass instead."""
 
 
-def _field(default: Any, help: str, **metadata: Any) -> Any:
-    return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+_field = option
 
 
 @dataclasses.dataclass
@@ -298,7 +296,21 @@ def run_name(config: TrainConfig) -> str:
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
-    """Fills in the data-set/optimizer defaults and checks the values; returns a new config."""
+    """Fills in the data-set/optimizer defaults and checks the values; returns a new config.
+
+    Idempotent: resolving a resolved config returns an equal one.
+    """
+    config = _with_defaults(config)
+    errors = _non_finite_floats(config)
+    for check in (_optimizer_errors, _schedule_errors, _run_errors, _data_errors):
+        errors += check(config)
+    if errors:
+        raise ConfigError("Invalid training configuration:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _with_defaults(config: TrainConfig) -> TrainConfig:
+    """`config` with the canonical optimizer name and every ``None`` default filled in."""
     if config.dataset not in DATASET_DEFAULTS:
         raise ConfigError(f"Unknown --dataset {config.dataset!r}; choose one of {DATASETS}.")
     config = dataclasses.replace(
@@ -307,21 +319,19 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"Unknown --optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}.")
     defaults = DATASET_DEFAULTS[config.dataset]
-    changes: dict[str, Any] = {}
-    for name in ("epochs", "validation_size", "batch_size", "learning_rate", "crop_padding"):
-        if getattr(config, name) is None:
-            changes[name] = defaults[name]
+    changes: dict[str, Any] = {
+        name: value for name, value in defaults.items() if getattr(config, name) is None
+    }
     if config.rho is None:
         changes["rho"] = optimizer_registry.default_rho(config.optimizer)
     config = dataclasses.replace(config, **changes)
     if not config.output_dir:
         config = dataclasses.replace(config, output_dir=f"runs/{run_name(config)}")
+    return config
 
-    errors = _non_finite_floats(config)
-    if config.epochs < 1:
-        errors.append(f"--epochs must be >= 1, got {config.epochs}.")
-    if config.batch_size < 1 or config.eval_batch_size < 1:
-        errors.append("--batch-size and --eval-batch-size must be >= 1.")
+
+def _optimizer_errors(config: TrainConfig) -> list[str]:
+    errors = []
     if not config.learning_rate > 0:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
     if config.rho < 0:
@@ -337,11 +347,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
             errors.append("--adaptive needs a SAM optimizer, e.g. --optimizer sam.")
     elif config.adaptive and "adaptive" not in optimizer_registry.get(config.optimizer).knobs:
         errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
-    if not 0 <= config.sam_start_epoch < config.epochs:
-        errors.append(
-            f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
-            f"got {config.sam_start_epoch}."
-        )
     if config.ascent_steps < 1:
         errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
     if config.looksam_k < 1:
@@ -359,8 +364,32 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--ascent-norm must be > 1 (2 for SAM, inf), got {config.ascent_norm}.")
     if not 0 <= config.label_smoothing < 1:
         errors.append(f"--label-smoothing must lie in [0, 1), got {config.label_smoothing}.")
+    return errors
+
+
+def _schedule_errors(config: TrainConfig) -> list[str]:
+    errors = []
+    if config.epochs < 1:
+        errors.append(f"--epochs must be >= 1, got {config.epochs}.")
+    if config.batch_size < 1 or config.eval_batch_size < 1:
+        errors.append("--batch-size and --eval-batch-size must be >= 1.")
+    if not 0 <= config.sam_start_epoch < config.epochs:
+        errors.append(
+            f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
+            f"got {config.sam_start_epoch}."
+        )
     if config.eval_every < 1 or config.checkpoint_every < 1 or config.log_every_steps < 1:
         errors.append("--eval-every, --checkpoint-every and --log-every-steps must be >= 1.")
+    try:
+        lr_milestones(config)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
+
+
+def _run_errors(config: TrainConfig) -> list[str]:
+    """The hardware, multi-host and output-folder flags."""
+    errors = []
     if config.keep_checkpoints < 1:
         errors.append("--keep-checkpoints must be >= 1.")
     if config.num_devices < 0:
@@ -378,6 +407,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append("--stop-after-epoch must be >= 0.")
     if config.resume and config.overwrite:
         errors.append("--resume and --overwrite exclude each other: pick one.")
+    return errors
+
+
+def _data_errors(config: TrainConfig) -> list[str]:
+    """The data, augmentation and model flags."""
+    errors = []
     if config.validation_size < 0:
         errors.append("--validation-size must be >= 0.")
     if config.crop_padding < 0:
@@ -392,10 +427,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"{config.label_noise_mode!r}."
         )
     try:
-        lr_milestones(config)
-    except ValueError as e:
-        errors.append(str(e))
-    try:
         kwargs = model_kwargs(config)
         if config.model in models.MODELS:  # the fields the model takes (nothing is built)
             models.create_model(config.model, num_classes=2, **kwargs)
@@ -403,9 +434,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         errors.append(f"--model-kwargs: {e}")
     except ValueError as e:
         errors.append(str(e))
-    if errors:
-        raise ConfigError("Invalid training configuration:\n  " + "\n  ".join(errors))
-    return config
+    return errors
 
 
 # Float flags that may be infinite (the L-inf ball of a sign ascent); every other float flag
@@ -458,83 +487,65 @@ def model_kwargs(config: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _scalar_type(annotation: Any) -> type:
-    """int/float/str/bool from an evaluated annotation such as ``int | None``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0]
-    return annotation
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    cls: type = TrainConfig,
-    exclude: Iterable[str] = (),
+def build_parser(
     *,
+    prog: str = "python -m experiments.train",
+    description: str = (
+        "Train a Flax model with SGD or a SAM variant of sam_optax, data parallel over all "
+        "devices. The defaults (--preset demo) train a small CNN on the embedded mnist5k set "
+        "in about a minute on a CPU."
+    ),
+    protocol: type | None = None,
+    protocol_title: str = "protocol",
+    defaults: Mapping[str, Any] | None = None,
+    exclude: Iterable[str] = (),
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    preset_names: Sequence[str] | None = None,
+    default_preset: str | None = None,
+    epilog: str | None = None,
     suppress_defaults: bool = False,
-) -> None:
-    """Adds one ``--flag-name`` per dataclass field (help text and choices from its metadata).
+) -> argparse.ArgumentParser:
+    """The command line of a run, or of a `protocol` (a sweep, a paper's experiment).
 
-    With `suppress_defaults`, a flag absent from the command line leaves no attribute, so the
-    namespace holds only the flags the user passed.
+    One ``--flag`` per :class:`TrainConfig` field but the `exclude`d ones (those the protocol
+    sets itself), with the protocol's `defaults`; the protocol's own flags come from the fields
+    of its dataclass. ``--preset`` picks one of `preset_names` (the training presets by
+    default; none where the list is empty).
     """
-    exclude = set(exclude)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _scalar_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        if f.default not in (None, ""):
-            help_text += " (default: %(default)s)"
-        default = argparse.SUPPRESS if suppress_defaults else f.default
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            parser.add_argument(
-                flag,
-                type=f.metadata.get("parse", kind),
-                default=default,
-                choices=f.metadata.get("choices"),
-                help=help_text,
-            )
-
-
-def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    if preset_names is None:
+        preset_names = tuple(presets.PRESETS)
+        epilog = "presets (--preset NAME; flags given on the command line override them):\n"
+        epilog += presets.describe()
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.train",
-        description=(
-            "Train a Flax model with SGD or a SAM variant of sam_optax, data parallel over all "
-            "devices. The defaults (--preset demo) train a small CNN on the embedded mnist5k set "
-            "in about a minute on a CPU."
-        ),
-        epilog="presets (--preset NAME; flags given on the command line override them):\n"
-        + presets.describe(),
+        prog=prog,
+        description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--preset",
-        choices=tuple(presets.PRESETS),
-        default=argparse.SUPPRESS if suppress_defaults else None,
-        metavar="NAME",
-        help="Start from a named configuration (listed below); explicit flags override it.",
+    if preset_names:
+        parser.add_argument(
+            "--preset",
+            choices=tuple(preset_names),
+            default=argparse.SUPPRESS if suppress_defaults else default_preset,
+            metavar="NAME",
+            help=f"Start from a named configuration{' (listed below)' if epilog else ''}; "
+            "explicit flags override it"
+            + (f" (default: {default_preset})." if default_preset else "."),
+        )
+    training: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+    if protocol is not None:
+        own = parser.add_argument_group(protocol_title)
+        add_arguments(own, protocol, suppress_defaults=suppress_defaults)
+        training = parser.add_argument_group("training (every run)")
+    add_arguments(
+        training,
+        TrainConfig,
+        exclude=exclude,
+        defaults=defaults,
+        aliases=aliases,
+        suppress_defaults=suppress_defaults,
     )
-    add_arguments(parser, suppress_defaults=suppress_defaults)
     return parser
-
-
-def from_args(namespace: argparse.Namespace, cls: type = TrainConfig, **overrides: Any) -> Any:
-    """The dataclass from parsed arguments (fields missing from the namespace keep defaults)."""
-    values = {
-        f.name: getattr(namespace, f.name)
-        for f in dataclasses.fields(cls)
-        if hasattr(namespace, f.name)
-    }
-    values.update(overrides)
-    return cls(**values)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -542,9 +553,5 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
     Precedence: the flags the user passed, then the ``--preset``, then the field defaults.
     """
-    namespace = build_parser().parse_args(argv)
-    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    explicit.pop("preset", None)
-    values = dict(presets.get(namespace.preset).overrides) if namespace.preset else {}
-    values.update(explicit)
+    values = parse_command_line(argv, build_parser, lambda name: presets.get(name).overrides)
     return TrainConfig(**values)

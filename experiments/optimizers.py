@@ -7,13 +7,13 @@ the base optimizer every variant shares. Late-phase SAM is a rho schedule (0, th
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from experiments import config as config_lib
 from experiments import optimizer_registry
 from experiments.config import TrainConfig
-from experiments.steps import AXIS
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -55,7 +55,7 @@ def build_optimizer(
     config: TrainConfig,
     steps_per_epoch: int,
     *,
-    axis_name: str | None = AXIS,
+    axis_name: str | None,
     learning_rate: optax.Schedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``chain(variant(...), add_decayed_weights(wd), sgd(schedule, momentum))`` for the config.
@@ -63,9 +63,10 @@ def build_optimizer(
     `learning_rate`: the run's schedule where the caller holds it already (built from the config
     otherwise).
 
-    For ``sgd`` the SAM part is left out and the caller averages the gradient over devices. For
-    the SAM variants, `axis_name` makes every device ascend with its own gradient and
-    the transformation return the SAM gradient averaged over the axis.
+    The update takes each device's own gradient. For ``sgd`` the SAM part is left out and, with
+    `axis_name`, the gradient is averaged over the axis first (the state stays the chain's).
+    For the SAM variants, `axis_name` makes every device ascend with its own gradient and the
+    transformation return the SAM gradient averaged over the axis.
     """
     if learning_rate is None:
         learning_rate = learning_rate_schedule(config, steps_per_epoch)
@@ -78,7 +79,7 @@ def build_optimizer(
         ),
     ]
     if not uses_sam(config):
-        return optax.chain(*tail)
+        return optax.chain(*tail) if axis_name is None else _averaged(optax.chain(*tail), axis_name)
     variant = optimizer_registry.get(config.optimizer)
     options = variant.options(config)
     if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
@@ -90,3 +91,15 @@ def build_optimizer(
         **options,
     )
     return optax.chain(sam, *tail)
+
+
+def _averaged(
+    tx: optax.GradientTransformationExtraArgs, axis_name: str
+) -> optax.GradientTransformationExtraArgs:
+    """`tx` on the gradient averaged over `axis_name`, with `tx`'s own state (so checkpoints of
+    `tx` restore into it)."""
+
+    def update(updates, state, params=None, **extra_args):
+        return tx.update(jax.lax.pmean(updates, axis_name), state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -87,15 +87,16 @@ def make_train_step(
     *,
     num_classes: int,
     label_smoothing: float = 0.0,
-    sam: bool = True,
-    axis_name: str | None = AXIS,
+    axis_name: str | None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """One device's training step: ``step(state, images_uint8, labels, key) -> (state, metrics)``.
 
     Pure and jittable. With `axis_name`, it runs inside ``shard_map``/``pmap`` on the device's
-    share of the batch and returns replicated outputs: the SAM transformation averages the
-    gradient (``sam=True``; each device ascends with its own gradient), or the step averages it
-    itself (``sam=False``, plain SGD). BatchNorm running statistics come from the first,
+    share of the batch and returns replicated outputs. The step hands `tx` each device's own
+    gradient and a ``grad_fn`` for the perturbed pass; `tx` averages over `axis_name` (a SAM
+    variant after each device's ascent, the SGD baseline before its update: see
+    :func:`experiments.optimizers.build_optimizer`) and calls ``grad_fn`` only if it ascends.
+    BatchNorm running statistics come from the first,
     unperturbed pass only (the ascent's passes run in train mode with batch statistics but their
     statistics are dropped), averaged over devices. Metrics are averaged over devices.
 
@@ -115,6 +116,7 @@ def make_train_step(
         return loss, (logits, new_model_state.get("batch_stats", {}))
 
     grad_of_loss = jax.value_and_grad(loss_fn, has_aux=True)
+    tx = optax.with_extra_args_support(tx)
 
     def step(state: TrainState, images_uint8, labels, key):
         augment_key, shakedrop_key, dropout_key = jax.random.split(key, 3)
@@ -128,20 +130,15 @@ def make_train_step(
         (loss, (logits, batch_stats)), grads = grad_of_loss(
             local(state.params), state.batch_stats, images, labels, rngs
         )
-        if sam:
 
-            def grad_fn(params):
-                # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
-                grads, _ = jax.grad(loss_fn, has_aux=True)(
-                    local(params), state.batch_stats, images, labels, rngs
-                )
-                return grads
+        def grad_fn(params):
+            # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
+            grads, _ = jax.grad(loss_fn, has_aux=True)(
+                local(params), state.batch_stats, images, labels, rngs
+            )
+            return grads
 
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
-        else:
-            if axis_name is not None:
-                grads = jax.lax.pmean(grads, axis_name)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
         params = optax.apply_updates(state.params, updates)
 
         accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
@@ -174,7 +171,7 @@ def make_eval_step(
     preprocess: Preprocess,
     *,
     num_classes: int,
-    axis_name: str | None = AXIS,
+    axis_name: str | None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], Metrics]:
     """One device's evaluation: ``eval_step(state, images_uint8, labels, mask) -> sums``.
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from experiments import config as config_lib
-from experiments import metrics_log, optimizer_registry, reporting, run_dir, runtime
+from experiments import flags, metrics_log, optimizer_registry, reporting, run_dir, runtime
 from experiments.config import TrainConfig
 from experiments.runtime import ExitStatus
 
@@ -74,103 +74,72 @@ def _optimizers(text: str) -> tuple[str, ...]:
     return names
 
 
+_ADAPTIVE_VARIANTS = ", ".join(
+    v.name for v in optimizer_registry.VARIANTS.values() if v.adaptive_rho
+)
+
+
 @dataclasses.dataclass
 class SweepConfig:
-    """The grids of the protocol; every training flag not swept comes from `base`."""
+    """The grids of the protocol (its own flags); every training flag not swept comes from
+    `base`."""
 
-    base: TrainConfig
-    output_dir: str
-    learning_rates: tuple[float, ...] = (0.01, 0.05, 0.1)
-    weight_decays: tuple[float, ...] = (1e-4, 5e-4, 1e-3)
-    optimizers: tuple[str, ...] = PROTOCOL_VARIANTS
-    rhos: tuple[float, ...] = (0.05, 0.1, 0.2)
-    asam_rhos: tuple[float, ...] = (0.5, 1.0, 2.0)
-    seeds: int = 3
-    selection: str = "final_val_accuracy"
+    base: TrainConfig = dataclasses.field(metadata=dict(cli=False))
+    output_dir: str = dataclasses.field(
+        metadata=dict(required=True, help="Directory of the sweep.")
+    )
+    learning_rates: tuple[float, ...] = flags.option(
+        (0.01, 0.05, 0.1), "Learning rates of the SGD grid.", flag="--lrs", parse=_floats
+    )
+    weight_decays: tuple[float, ...] = flags.option(
+        (1e-4, 5e-4, 1e-3), "Weight decays of the SGD grid.", flag="--wds", parse=_floats
+    )
+    optimizers: tuple[str, ...] = flags.option(
+        PROTOCOL_VARIANTS,
+        f"SAM variants to compare with SGD (any of {','.join(SAM_VARIANTS)}).",
+        parse=_optimizers,
+    )
+    rhos: tuple[float, ...] = flags.option(
+        (0.05, 0.1, 0.2), "rho grid of the non-adaptive variants.", parse=_floats
+    )
+    asam_rhos: tuple[float, ...] = flags.option(
+        (0.5, 1.0, 2.0), f"rho grid of the adaptive variants ({_ADAPTIVE_VARIANTS}).", parse=_floats
+    )
+    seeds: int = flags.option(3, "Seeds (0..N-1) of each best configuration.")
+    selection: str = flags.option(
+        "final_val_accuracy",
+        "Validation metric that picks the best configuration (final_val_accuracy: the accuracy "
+        "at the end of training, the epoch whose test accuracy is reported).",
+        choices=SELECTION_METRICS,
+    )
 
     def rho_grid(self, optimizer: str) -> tuple[float, ...]:
         """The rho grid of a variant: ASAM's for variants whose rho is relative to |w|."""
         return self.asam_rhos if optimizer_registry.get(optimizer).adaptive_rho else self.rhos
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    return config_lib.build_parser(
         prog="python -m experiments.sweep",
         description=(
             "Run the StableSAM paper's protocol: SGD grid over learning rate x weight decay, "
             "rho grid per SAM variant, then several seeds of each best configuration; write "
             "table.md, table.csv, results.csv and curves.png to --output-dir."
         ),
+        protocol=SweepConfig,
+        protocol_title="sweep",
+        exclude=_SWEPT_FIELDS,
+        preset_names=(),
+        suppress_defaults=suppress_defaults,
     )
-    sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--output-dir", required=True, help="Directory of the sweep.")
-    sweep.add_argument(
-        "--lrs",
-        type=_floats,
-        default=(0.01, 0.05, 0.1),
-        help="Learning rates of the SGD grid (default: 0.01,0.05,0.1).",
-    )
-    sweep.add_argument(
-        "--wds",
-        type=_floats,
-        default=(1e-4, 5e-4, 1e-3),
-        help="Weight decays of the SGD grid (default: 1e-4,5e-4,1e-3).",
-    )
-    sweep.add_argument(
-        "--optimizers",
-        type=_optimizers,
-        default=PROTOCOL_VARIANTS,
-        help=f"SAM variants to compare with SGD (default: {','.join(PROTOCOL_VARIANTS)}; "
-        f"any of {','.join(SAM_VARIANTS)}).",
-    )
-    sweep.add_argument(
-        "--rhos",
-        type=_floats,
-        default=(0.05, 0.1, 0.2),
-        help="rho grid of the non-adaptive variants (default: 0.05,0.1,0.2).",
-    )
-    sweep.add_argument(
-        "--asam-rhos",
-        type=_floats,
-        default=(0.5, 1.0, 2.0),
-        help="rho grid of the adaptive variants ("
-        + ", ".join(v.name for v in optimizer_registry.VARIANTS.values() if v.adaptive_rho)
-        + "; default: 0.5,1.0,2.0).",
-    )
-    sweep.add_argument(
-        "--seeds",
-        type=int,
-        default=3,
-        help="Seeds (0..N-1) of each best configuration (default: 3).",
-    )
-    sweep.add_argument(
-        "--selection",
-        choices=SELECTION_METRICS,
-        default="final_val_accuracy",
-        help="Validation metric that picks the best configuration (default: the accuracy at "
-        "the end of training, the epoch whose test accuracy is reported).",
-    )
-    training = parser.add_argument_group("training (every run of the sweep)")
-    config_lib.add_arguments(training, exclude=_SWEPT_FIELDS)
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
-    args = build_parser().parse_args(argv)
-    if args.seeds < 1:
+    values = flags.parse_command_line(argv, build_parser)
+    own, training = flags.split_fields(values, SweepConfig)
+    if own["seeds"] < 1:
         runtime.fail("--seeds must be >= 1", ExitStatus.BAD_INPUT)
-    base = config_lib.from_args(args, output_dir="", optimizer="sgd")
-    return SweepConfig(
-        base=base,
-        output_dir=args.output_dir,
-        learning_rates=args.lrs,
-        weight_decays=args.wds,
-        optimizers=args.optimizers,
-        rhos=args.rhos,
-        asam_rhos=args.asam_rhos,
-        seeds=args.seeds,
-        selection=args.selection,
-    )
+    return SweepConfig(base=TrainConfig(**training, output_dir="", optimizer="sgd"), **own)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,10 +163,6 @@ class Runner:
     def __init__(self, sweep: SweepConfig, train_fn: TrainFn | None = None):
         self.sweep = sweep
         self.results: list[dict[str, Any]] = []
-        if train_fn is None:
-            from experiments import trainer
-
-            train_fn = trainer.train_and_evaluate
         self.train_fn = train_fn
 
     def run(
@@ -222,12 +187,15 @@ class Runner:
             overwrite=False,
             stop_after_epoch=0,
         )
-        summary = run_dir.finished_summary(config_lib.resolve(config))
-        if summary is not None:
+        # Imported here so that --help answers before JAX starts a backend.
+        from experiments import trainer
+
+        print(f"[sweep] {phase}: {output_dir}")
+        summary, trained = trainer.train_unless_finished(
+            config_lib.resolve(config), train_fn=self.train_fn
+        )
+        if not trained:
             print(f"[sweep] {phase}: {output_dir} already done, skipped.")
-        else:
-            print(f"[sweep] {phase}: training {output_dir}")
-            summary = dict(self.train_fn(config))
         if summary.get("diverged"):
             print(f"[sweep] {phase}: {output_dir} diverged: {summary.get('error', '')}")
         record = {

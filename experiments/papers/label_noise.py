@@ -36,13 +36,15 @@ from typing import Any
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import optimizer_registry, reporting, runtime, trainer
+from experiments import flags, optimizer_registry, reporting, runtime, trainer
 from experiments.config import TrainConfig
+from experiments.flags import option
 from experiments.papers import cached_runs, common
 
 NAME = "label_noise"
 
-# Named protocols: flag defaults. "fashion-cpu" is the CPU-scale table (the defaults).
+# Named protocols: TrainConfig values of every run. "fashion-cpu" is the CPU-scale table (the
+# default).
 PRESETS: dict[str, dict[str, Any]] = {
     "fashion-cpu": dict(
         dataset="fashion_mnist",
@@ -55,11 +57,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=0.1,
         weight_decay=5e-4,
         flip=False,
-        noise_rates=(0.0, 0.4),
-        seeds=3,
     ),
 }
 DEFAULT_PRESET = "fashion-cpu"
+# Every preset's runs: no augmentation, no progress bar, one checkpoint (at the end: saving every
+# epoch would cost more than training an MLP).
+RUN_DEFAULTS: dict[str, Any] = dict(crop_padding=0, progress=False, keep_checkpoints=1)
+# Training flags that the protocol sets itself, per run.
+_PROTOCOL_FIELDS = (
+    "optimizer",
+    "rho",
+    "seed",
+    "label_noise",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "stop_after_epoch",
+    "checkpoint_every",
+)
 # SGD, the StableSAM protocol's variants, and the other variants in their plain form (their
 # StableSAM forms, e.g. stable_gsam, are one --optimizers away): 11 optimizers, 66 runs by default.
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
@@ -73,117 +88,89 @@ DEFAULT_OPTIMIZERS: tuple[str, ...] = (
 )
 
 
+def base_config(preset: str = DEFAULT_PRESET) -> TrainConfig:
+    """The configuration every run of `preset` shares (before the protocol's own settings)."""
+    return TrainConfig(**RUN_DEFAULTS, **PRESETS[preset])
+
+
+def _rho_item(item: str) -> tuple[str, float]:
+    """``VARIANT=VALUE`` of ``--rho``."""
+    name, sep, value = item.partition("=")
+    name = optimizer_registry.canonical_name(name)
+    if not sep or name not in optimizer_registry.names():
+        raise argparse.ArgumentTypeError(
+            f"takes VARIANT=VALUE with a variant of {optimizer_registry.names()}, got {item!r}"
+        )
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not a number") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelNoiseConfig:
-    """The experiment's settings (its flags, defaults filled in), fixed once parsed."""
+    """The protocol: what its runs share (`base`) and its own flags."""
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    model: str = "mlp"
-    model_kwargs: str = '{"hidden": [512, 512]}'
-    train_size: int = 5000
-    validation_size: int = 5000
-    epochs: int = 25
-    batch_size: int = 128
-    learning_rate: float = 0.1
-    weight_decay: float = 5e-4
-    flip: bool = False
-    noise_rates: Sequence[float] = (0.0, 0.4)
-    noise_mode: str = "symmetric"
-    optimizers: Sequence[str] = ()  # default: SGD, then every registered variant
-    seeds: int = 3
-    rho: Mapping[str, float] = dataclasses.field(default_factory=dict)  # overrides per variant
-    output_dir: str = os.path.join(common.OUTPUT_ROOT, NAME)
-    preset: str = DEFAULT_PRESET
-    command: str = ""  # the command line that reproduces the run
+    base: TrainConfig = dataclasses.field(default_factory=base_config, metadata=dict(cli=False))
+    noise_rates: Sequence[float] = option(
+        (0.0, 0.4), "Label-noise fractions.", nargs="+", parse=float
+    )
+    optimizers: Sequence[str] = option(
+        (),
+        f"Optimizers to compare (default: {' '.join(DEFAULT_OPTIMIZERS)}).",
+        nargs="+",
+        parse=optimizer_registry.canonical_name,
+        choices=config_lib.OPTIMIZERS,
+    )
+    seeds: int = option(3, "Seeds per optimizer and noise.")
+    rho: Mapping[str, float] = option(
+        {},
+        "rho per variant, e.g. sam=0.1 asam=1.0 (default: each variant's registry default).",
+        nargs="+",
+        parse=_rho_item,
+        metavar="VARIANT=VALUE",
+    )
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, NAME), "Folder of the tables, figures and runs."
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
 
 
-def _rho_overrides(items: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, float]:
-    overrides = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = optimizer_registry.canonical_name(name)
-        if not sep or name not in optimizer_registry.names():
-            parser.error(
-                "--rho takes VARIANT=VALUE with a variant of "
-                f"{optimizer_registry.names()}, got {item!r}"
-            )
-        try:
-            overrides[name] = float(value)
-        except ValueError:
-            parser.error(f"--rho {item!r}: {value!r} is not a number")
-    return overrides
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    return config_lib.build_parser(
+        prog=f"python -m experiments.papers.{NAME}",
+        description=__doc__.split("\n\n")[0],
+        protocol=LabelNoiseConfig,
+        protocol_title=NAME,
+        defaults={**RUN_DEFAULTS, **PRESETS[DEFAULT_PRESET]},
+        exclude=_PROTOCOL_FIELDS,
+        aliases={"label_noise_mode": ("--noise-mode",)},
+        preset_names=tuple(PRESETS),
+        default_preset=DEFAULT_PRESET,
+        suppress_defaults=suppress_defaults,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.papers.{NAME}",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="Protocol to start from."
-    )
-    # None: the preset's value.
-    parser.add_argument("--dataset", choices=config_lib.DATASETS, default=None)
-    parser.add_argument("--data-dir", default=None, help="Folder with the data set's files.")
-    parser.add_argument("--model", choices=config_lib.MODELS, default=None)
-    parser.add_argument("--model-kwargs", default=None, help="Model options as JSON.")
-    parser.add_argument("--train-size", type=int, default=None, help="Training subset size.")
-    parser.add_argument("--validation-size", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument(
-        "--noise-rates", type=float, nargs="+", default=None, help="Label-noise fractions."
-    )
-    parser.add_argument("--noise-mode", choices=config_lib.LABEL_NOISE_MODES, default="symmetric")
-    parser.add_argument(
-        "--optimizers",
-        nargs="+",
-        type=optimizer_registry.canonical_name,
-        choices=config_lib.OPTIMIZERS,
-        default=None,
-        help=f"Optimizers to compare (default: {' '.join(DEFAULT_OPTIMIZERS)}).",
-    )
-    parser.add_argument("--seeds", type=int, default=None, help="Seeds per optimizer and noise.")
-    parser.add_argument(
-        "--rho",
-        nargs="+",
-        default=[],
-        metavar="VARIANT=VALUE",
-        help="rho per variant, e.g. sam=0.1 asam=1.0 (default: each variant's registry default).",
-    )
-    parser.add_argument("--output-dir", default=LabelNoiseConfig.output_dir)
-    args = parser.parse_args(argv)
-    values = dict(PRESETS[args.preset])
-    for key in values:
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    optimizers = tuple(args.optimizers or DEFAULT_OPTIMIZERS)
+    values = flags.parse_command_line(argv, build_parser, PRESETS.__getitem__)
+    own, training = flags.split_fields(values, LabelNoiseConfig)
+    noise_rates = tuple(dict.fromkeys(float(r) for r in own["noise_rates"]))
+    if any(not 0 <= r < 1 for r in noise_rates):
+        build_parser().error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
+    if own["seeds"] < 1:
+        build_parser().error("--seeds must be >= 1")
     # SGD first: every difference is taken to it.
-    if optimizer_registry.BASELINE not in optimizers:
-        optimizers = (optimizer_registry.BASELINE, *optimizers)
     optimizers = (
         optimizer_registry.BASELINE,
-        *(o for o in optimizers if o != optimizer_registry.BASELINE),
+        *(o for o in own["optimizers"] or DEFAULT_OPTIMIZERS if o != optimizer_registry.BASELINE),
     )
-    noise_rates = tuple(float(r) for r in values.pop("noise_rates"))
-    if any(not 0 <= r < 1 for r in noise_rates):
-        parser.error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
-    if values["seeds"] < 1:
-        parser.error("--seeds must be >= 1")
     return LabelNoiseConfig(
-        **values,
-        data_dir=args.data_dir,
-        noise_rates=tuple(dict.fromkeys(noise_rates)),
-        noise_mode=args.noise_mode,
+        base=TrainConfig(**training),
+        noise_rates=noise_rates,
         optimizers=tuple(dict.fromkeys(optimizers)),
-        rho=_rho_overrides(args.rho, parser),
-        output_dir=args.output_dir,
-        preset=args.preset,
+        seeds=own["seeds"],
+        rho=dict(own["rho"]),
+        output_dir=own["output_dir"],
         command=reporting.command_line(f"experiments.papers.{NAME}", argv),
     )
 
@@ -205,65 +192,57 @@ def noise_label(rate: float, mode: str = "symmetric") -> str:
 def run_config(args: LabelNoiseConfig, optimizer: str, rate: float, seed: int) -> TrainConfig:
     """The harness configuration of one run (unresolved)."""
     rho = args.rho.get(optimizer) if optimizer != optimizer_registry.BASELINE else None
-    return TrainConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        validation_size=args.validation_size,
-        train_size=args.train_size,
+    noise = noise_tag(rate, args.base.label_noise_mode)
+    return args.base.replace(
         label_noise=rate,
-        label_noise_mode=args.noise_mode,
-        model=args.model,
-        model_kwargs=args.model_kwargs,
         optimizer=optimizer,
         rho=rho,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        flip=args.flip,
-        crop_padding=0,
         seed=seed,
-        # One checkpoint, at the end: saving every epoch would cost more than training an MLP.
-        checkpoint_every=args.epochs,
-        keep_checkpoints=1,
-        progress=False,
-        output_dir=os.path.join(
-            args.output_dir, "runs", noise_tag(rate, args.noise_mode), f"{optimizer}-s{seed}"
-        ),
+        checkpoint_every=args.base.epochs,  # one checkpoint, at the end
+        output_dir=os.path.join(args.output_dir, "runs", noise, f"{optimizer}-s{seed}"),
     )
+
+
+def run_configs(args: LabelNoiseConfig) -> list[TrainConfig]:
+    """Every run of the protocol, resolved: noise rates x optimizers x seeds."""
+    return [
+        config_lib.resolve(run_config(args, optimizer, rate, seed))
+        for rate in args.noise_rates
+        for optimizer in args.optimizers
+        for seed in range(args.seeds)
+    ]
 
 
 def run_all(args: LabelNoiseConfig) -> list[dict[str, Any]]:
     """Every (noise rate, optimizer, seed) run, trained or read back; one row per run."""
     results = []
-    for rate in args.noise_rates:
-        dataset = None  # loaded once per noise setting, and only if a run needs training
-        for optimizer in args.optimizers:
-            for seed in range(args.seeds):
-                config = config_lib.resolve(run_config(args, optimizer, rate, seed))
-                if dataset is None and not cached_runs.is_done(config):
-                    dataset = trainer.load_dataset(config)
-                summary, rows, trained = cached_runs.run_or_load(config, dataset)
-                print(
-                    f"{noise_tag(rate, args.noise_mode)} {optimizer} s{seed}: "
-                    f"{'trained' if trained else 'done already'}, test "
-                    f"{summary['final_test_accuracy']:.4f} final, "
-                    f"{summary['test_accuracy_at_best_val']:.4f} at best val "
-                    f"(epoch {summary['best_val_epoch']}), {summary['wall_time_s']:.0f} s",
-                    flush=True,
-                )
-                results.append(
-                    dict(
-                        noise_rate=rate,
-                        optimizer=optimizer,
-                        seed=seed,
-                        rho=summary["rho"],
-                        trained=trained,
-                        summary=summary,
-                        curve=[r.get("test_accuracy", np.nan) for r in rows],
-                        train_curve=[r["train_accuracy"] for r in rows],
-                    )
-                )
+    dataset, noise = None, None  # loaded once per noise setting, and only if a run trains
+    for config in run_configs(args):
+        if config.label_noise != noise:
+            dataset, noise = None, config.label_noise
+        if dataset is None and not cached_runs.is_done(config):
+            dataset = trainer.load_dataset(config)
+        summary, rows, trained = cached_runs.run_or_load(config, dataset)
+        print(
+            f"{noise_tag(noise, config.label_noise_mode)} {config.optimizer} s{config.seed}: "
+            f"{'trained' if trained else 'done already'}, test "
+            f"{summary['final_test_accuracy']:.4f} final, "
+            f"{summary['test_accuracy_at_best_val']:.4f} at best val "
+            f"(epoch {summary['best_val_epoch']}), {summary['wall_time_s']:.0f} s",
+            flush=True,
+        )
+        results.append(
+            dict(
+                noise_rate=noise,
+                optimizer=config.optimizer,
+                seed=config.seed,
+                rho=summary["rho"],
+                trained=trained,
+                summary=summary,
+                curve=[r.get("test_accuracy", np.nan) for r in rows],
+                train_curve=[r["train_accuracy"] for r in rows],
+            )
+        )
     return results
 
 
@@ -329,7 +308,8 @@ def _cell(entry: Mapping[str, Any], key: str) -> str:
 def markdown_tables(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> str:
     """The paper's layout: optimizers as rows, noise settings as columns, final and best-val."""
     columns = ["optimizer", "rho"]
-    noise_columns = {rate: noise_label(rate, args.noise_mode) for rate in args.noise_rates}
+    mode = args.base.label_noise_mode
+    noise_columns = {rate: noise_label(rate, mode) for rate in args.noise_rates}
     rows = []
     for optimizer in args.optimizers:
         entries = {e["noise_rate"]: e for e in table if e["optimizer"] == optimizer}
@@ -393,7 +373,7 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
                 hatch=None if i == 0 else "//",
                 edgecolor="k",
                 linewidth=0.5,
-                label=noise_label(rate, args.noise_mode),
+                label=noise_label(rate, args.base.label_noise_mode),
             )
         ax.set_title(f"test accuracy at the {title}")
         ax.grid(axis="y", alpha=0.3)
@@ -439,7 +419,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
                 epochs, mean, style, color=_color(optimizer), label=common.label(optimizer), lw=1.2
             )
             ax.fill_between(epochs, mean - std, mean + std, color=_color(optimizer), alpha=0.1)
-        ax.set_title(noise_label(rate, args.noise_mode))
+        ax.set_title(noise_label(rate, args.base.label_noise_mode))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"test accuracy (%), mean over {args.seeds} seeds")
         ax.grid(alpha=0.3)
@@ -451,10 +431,11 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
 
 
 def _title(args: LabelNoiseConfig) -> str:
+    base = args.base
     return (
-        f"{args.dataset}, {args.model} {args.model_kwargs}, {args.train_size or 'all'} training "
-        f"images, {args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate:g} "
-        f"(cosine), wd {args.weight_decay:g}"
+        f"{base.dataset}, {base.model} {base.model_kwargs}, {base.train_size or 'all'} training "
+        f"images, {base.epochs} epochs, batch {base.batch_size}, lr {base.learning_rate:g} "
+        f"({base.lr_schedule}), wd {base.weight_decay:g}"
     )
 
 
@@ -481,7 +462,7 @@ def findings(
         ).mean(0)
         peak = int(np.nanargmax(sgd_curves))
         lines.append(
-            f"- {noise_label(rate, args.noise_mode)}: SGD's mean test curve peaks at "
+            f"- {noise_label(rate, args.base.label_noise_mode)}: SGD's mean test curve peaks at "
             f"{100 * sgd_curves[peak]:.2f} % in epoch {peak + 1} and ends at "
             f"{100 * sgd_curves[-1]:.2f} % (training accuracy on the "
             f"{'noisy' if rate else 'clean'} labels at the end: "
@@ -516,8 +497,8 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Protocol: {_title(args)}; {args.validation_size} validation images held out (clean "
-        f"labels); noise rates {list(args.noise_rates)} ({args.noise_mode}); "
+        f"Protocol: {_title(args)}; {args.base.validation_size} validation images held out "
+        f"(clean labels); noise rates {list(args.noise_rates)} ({args.base.label_noise_mode}); "
         f"{args.seeds} seeds; rho: each variant's registry default"
         + (f", overridden: {dict(args.rho)}" if args.rho else "")
         + ". Every run through `experiments.trainer.train_and_evaluate`; "

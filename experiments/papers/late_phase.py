@@ -18,7 +18,6 @@ Run: ``python -m experiments.papers.late_phase`` (figures and tables in runs/pap
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -29,84 +28,64 @@ import numpy as np
 import optax
 
 import sam_optax
-from experiments import reporting
+from experiments import flags, reporting, runtime
+from experiments.flags import option
 from experiments.papers import common
+from experiments.runtime import ExitStatus
 from sam_optax import sharpness
 
 
 @dataclasses.dataclass(frozen=True)
 class LatePhaseConfig:
-    """The experiment's settings (its flags, defaults filled in), fixed once parsed."""
+    """The experiment's settings (its flags), fixed once parsed; ``None`` defaults follow
+    --epochs."""
 
-    dataset: str = "mnist5k"
-    epochs: int = 30
-    switch_epochs: Sequence[int] = (0, 15, 25, 28, 30)
-    seeds: int = 3
-    hidden: Sequence[int] = (128, 128)
-    batch_size: int = 32
-    lr: float = 0.1
-    lr_drop_epoch: int = 15
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    rho: float = 0.05
-    lanczos_iters: int = 20
-    hessian_chunk: int = 1000
-    output_dir: str = os.path.join(common.OUTPUT_ROOT, "late_phase")
-    command: str = ""  # the command line that reproduces the run
+    dataset: str = option("mnist5k", "Data set.", choices=common.DATASETS)
+    epochs: int = option(30, "Training epochs of every run.")
+    switch_epochs: Sequence[int] | None = option(
+        None,
+        "Epochs t0 at which SAM starts (0: SAM throughout; --epochs: SGD only). "
+        "Default: 0, epochs/2, epochs-5, epochs-2, epochs.",
+        nargs="+",
+    )
+    seeds: int = option(3, "Seeds per switch epoch (init, batches).")
+    hidden: Sequence[int] = option((128, 128), "MLP widths.", nargs="+")
+    batch_size: int = option(32, "Mini-batch size.")
+    lr: float = option(0.1, "Initial learning rate.")
+    lr_drop_epoch: int | None = option(
+        None, "Epoch at which the learning rate is multiplied by 0.1 (default: epochs/2)."
+    )
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(5e-4, "L2 weight decay.")
+    rho: float = option(0.05, "SAM radius once SAM is on.")
+    lanczos_iters: int = option(20, "Lanczos steps for the top eigenvalue.")
+    hessian_chunk: int = option(1000, "Examples per chunk of the Hessian pass.")
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, "late_phase"),
+        "Where the PNG figures, CSV and markdown go.",
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
+
+    def __post_init__(self) -> None:
+        e = self.epochs
+        if self.switch_epochs is None:
+            switch_epochs = sorted({0, e // 2, max(0, e - 5), max(0, e - 2), e})
+            object.__setattr__(self, "switch_epochs", switch_epochs)
+        if self.lr_drop_epoch is None:
+            object.__setattr__(self, "lr_drop_epoch", e // 2)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LatePhaseConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    values = flags.parse(LatePhaseConfig, argv, description=__doc__.split("\n\n")[0])
+    args = LatePhaseConfig(
+        **values, command=reporting.command_line("experiments.papers.late_phase", argv)
     )
-    p.add_argument("--dataset", choices=common.DATASETS, default="mnist5k", help="Data set.")
-    p.add_argument("--epochs", type=int, default=30, help="Training epochs of every run.")
-    p.add_argument(
-        "--switch-epochs",
-        type=int,
-        nargs="+",
-        default=None,
-        help="Epochs t0 at which SAM starts (0: SAM throughout; --epochs: SGD only). "
-        "Default: 0, epochs/2, epochs-5, epochs-2, epochs.",
-    )
-    p.add_argument("--seeds", type=int, default=3, help="Seeds per switch epoch (init, batches).")
-    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="MLP widths.")
-    p.add_argument("--batch-size", type=int, default=32, help="Mini-batch size.")
-    p.add_argument("--lr", type=float, default=0.1, help="Initial learning rate.")
-    p.add_argument(
-        "--lr-drop-epoch",
-        type=int,
-        default=None,
-        help="Epoch at which the learning rate is multiplied by 0.1 (default: epochs/2).",
-    )
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay.")
-    p.add_argument("--rho", type=float, default=0.05, help="SAM radius once SAM is on.")
-    p.add_argument(
-        "--lanczos-iters", type=int, default=20, help="Lanczos steps for the top eigenvalue."
-    )
-    p.add_argument(
-        "--hessian-chunk", type=int, default=1000, help="Examples per chunk of the Hessian pass."
-    )
-    p.add_argument(
-        "--output-dir",
-        default=LatePhaseConfig.output_dir,
-        help="Where the PNG figures, CSV and markdown go.",
-    )
-    args = p.parse_args(argv)
-    e = args.epochs
-    switch_epochs = args.switch_epochs
-    if switch_epochs is None:
-        switch_epochs = sorted({0, e // 2, max(0, e - 5), max(0, e - 2), e})
-    if any(not 0 <= t <= e for t in switch_epochs):
-        p.error(f"--switch-epochs must lie in [0, {e}], got {switch_epochs}")
-    return common.config_from_args(
-        LatePhaseConfig,
-        args,
-        switch_epochs=switch_epochs,
-        lr_drop_epoch=e // 2 if args.lr_drop_epoch is None else args.lr_drop_epoch,
-        command=reporting.command_line("experiments.papers.late_phase", argv),
-    )
+    if any(not 0 <= t <= args.epochs for t in args.switch_epochs):
+        runtime.fail(
+            f"--switch-epochs must lie in [0, {args.epochs}], got {args.switch_epochs}",
+            ExitStatus.BAD_INPUT,
+        )
+    return args
 
 
 def make_trainer(model, x_train, y_train, x_test, y_test, args):

@@ -32,8 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import input_pipeline, optimizer_registry, reporting, runtime, steps, trainer
+from experiments import (
+    flags,
+    input_pipeline,
+    optimizer_registry,
+    reporting,
+    runtime,
+    steps,
+    trainer,
+)
 from experiments.config import TrainConfig
+from experiments.flags import option
 from experiments.papers import cached_runs, common
 from sam_optax import sharpness
 
@@ -41,86 +50,87 @@ NAME = "late_phase_fashion"
 SAM = "sam"  # the variant switched on late (Zhou et al. use Foret et al.'s SAM)
 
 
+# TrainConfig values of every run: no augmentation, a x0.1 step at --lr-drop-epoch, no
+# validation split (no early stopping here: the final state is measured), one checkpoint.
+RUN_DEFAULTS: dict[str, Any] = dict(
+    dataset="fashion_mnist",
+    model="resnet8",
+    model_kwargs='{"num_filters": 8}',
+    train_size=2000,
+    validation_size=0,
+    epochs=12,
+    batch_size=128,
+    learning_rate=0.1,
+    lr_schedule="multistep",
+    weight_decay=5e-4,
+    rho=0.05,
+    crop_padding=0,
+    flip=False,
+    eval_every=2,
+    keep_checkpoints=1,
+    progress=False,
+)
+# Training flags that the protocol sets itself, per run.
+_PROTOCOL_FIELDS = (
+    "optimizer",
+    "sam_start_epoch",
+    "seed",
+    "lr_milestones",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "stop_after_epoch",
+    "checkpoint_every",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LatePhaseFashionConfig:
-    """The experiment's settings (its flags, defaults filled in), fixed once parsed."""
+    """The protocol: what its runs share (`base`) and its own flags."""
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    model: str = "resnet8"
-    model_kwargs: str = '{"num_filters": 8}'
-    train_size: int = 2000
-    validation_size: int = 0  # no early stopping here: the final state is measured
-    epochs: int = 12
-    sam_epochs: int = 3
-    batch_size: int = 128
-    learning_rate: float = 0.1
-    lr_drop_epoch: int = 6
-    weight_decay: float = 5e-4
-    rho: float = 0.05
-    label_noise: float = 0.0
-    seeds: int = 3
-    hessian_size: int = 256
-    hessian_chunk: int = 128
-    lanczos_iters: int = 10
-    eval_every: int = 2
-    output_dir: str = os.path.join(common.OUTPUT_ROOT, NAME)
-    command: str = ""  # the command line that reproduces the run
+    base: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(**RUN_DEFAULTS), metadata=dict(cli=False)
+    )
+    sam_epochs: int = option(3, "SAM for the last this many epochs.")
+    lr_drop_epoch: int | None = option(None, "x0.1 at this epoch (default: epochs/2).")
+    seeds: int = option(3, "Seeds per arm.")
+    hessian_size: int = option(256, "Training images of the Hessian.")
+    hessian_chunk: int = option(128, "Images per chunk of the Hessian pass.")
+    lanczos_iters: int = option(10, "Lanczos steps for the top eigenvalue.")
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, NAME), "Folder of the tables, figures and runs."
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
+
+
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    return config_lib.build_parser(
+        prog=f"python -m experiments.papers.{NAME}",
+        description=__doc__.split("\n\n")[0],
+        protocol=LatePhaseFashionConfig,
+        protocol_title=NAME,
+        defaults=RUN_DEFAULTS,
+        exclude=_PROTOCOL_FIELDS,
+        preset_names=(),
+        suppress_defaults=suppress_defaults,
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LatePhaseFashionConfig:
-    d = LatePhaseFashionConfig()
-    p = argparse.ArgumentParser(
-        prog=f"python -m experiments.papers.{NAME}",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--dataset", choices=config_lib.DATASETS, default=d.dataset)
-    p.add_argument("--data-dir", default=None, help="Folder with the data set's files.")
-    p.add_argument("--model", choices=config_lib.MODELS, default=d.model)
-    p.add_argument("--model-kwargs", default=d.model_kwargs, help="Model options as JSON.")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="Training subset size.")
-    p.add_argument("--validation-size", type=int, default=d.validation_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument(
-        "--sam-epochs", type=int, default=d.sam_epochs, help="SAM for the last this many epochs."
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument(
-        "--lr-drop-epoch", type=int, default=None, help="x0.1 at this epoch (default: epochs/2)."
-    )
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--rho", type=float, default=d.rho, help="SAM radius once SAM is on.")
-    p.add_argument("--label-noise", type=float, default=d.label_noise)
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument(
-        "--hessian-size", type=int, default=d.hessian_size, help="Training images of the Hessian."
-    )
-    p.add_argument("--hessian-chunk", type=int, default=d.hessian_chunk)
-    p.add_argument("--lanczos-iters", type=int, default=d.lanczos_iters)
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="Test accuracy every N epochs (and at the end): the 10,000 test images cost about "
-        "as much as a training epoch.",
-    )
-    p.add_argument("--output-dir", default=d.output_dir)
-    args = p.parse_args(argv)
-    if not 0 < args.sam_epochs < args.epochs:
-        p.error(f"--sam-epochs must lie in (0, --epochs={args.epochs}), got {args.sam_epochs}")
-    lr_drop = args.epochs // 2 if args.lr_drop_epoch is None else args.lr_drop_epoch
-    if not 0 < lr_drop < args.epochs:
-        p.error(f"--lr-drop-epoch must lie in (0, {args.epochs}), got {lr_drop}")
-    if min(args.seeds, args.hessian_size, args.hessian_chunk, args.eval_every) < 1:
-        p.error("--seeds, --hessian-size, --hessian-chunk and --eval-every must be >= 1")
-    return common.config_from_args(
-        LatePhaseFashionConfig,
-        args,
-        lr_drop_epoch=lr_drop,
-        command=reporting.command_line(f"experiments.papers.{NAME}", argv),
-    )
+    values = flags.parse_command_line(argv, build_parser)
+    own, training = flags.split_fields(values, LatePhaseFashionConfig)
+    base = TrainConfig(**training)
+    error = build_parser().error
+    if not 0 < own["sam_epochs"] < base.epochs:
+        error(f"--sam-epochs must lie in (0, --epochs={base.epochs}), got {own['sam_epochs']}")
+    if own["lr_drop_epoch"] is None:
+        own["lr_drop_epoch"] = base.epochs // 2
+    if not 0 < own["lr_drop_epoch"] < base.epochs:
+        error(f"--lr-drop-epoch must lie in (0, {base.epochs}), got {own['lr_drop_epoch']}")
+    if min(own["seeds"], own["hessian_size"], own["hessian_chunk"], base.eval_every) < 1:
+        error("--seeds, --hessian-size, --hessian-chunk and --eval-every must be >= 1")
+    command = reporting.command_line(f"experiments.papers.{NAME}", argv)
+    return LatePhaseFashionConfig(base=base, command=command, **own)
 
 
 def arms(args: LatePhaseFashionConfig) -> dict[str, tuple[str, int]]:
@@ -128,7 +138,7 @@ def arms(args: LatePhaseFashionConfig) -> dict[str, tuple[str, int]]:
     return {
         "sgd": (optimizer_registry.BASELINE, 0),
         "sam": (SAM, 0),
-        "late": (SAM, args.epochs - args.sam_epochs),
+        "late": (SAM, args.base.epochs - args.sam_epochs),
     }
 
 
@@ -141,33 +151,26 @@ def arm_label(arm: str, args: LatePhaseFashionConfig) -> str:
 
 
 def run_config(args: LatePhaseFashionConfig, arm: str, seed: int) -> TrainConfig:
+    """The harness configuration of one run (unresolved)."""
     optimizer, start = arms(args)[arm]
-    return TrainConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        validation_size=args.validation_size,
-        train_size=args.train_size,
-        label_noise=args.label_noise,
-        model=args.model,
-        model_kwargs=args.model_kwargs,
+    return args.base.replace(
         optimizer=optimizer,
-        rho=args.rho if optimizer != optimizer_registry.BASELINE else None,
+        rho=args.base.rho if optimizer != optimizer_registry.BASELINE else None,
         sam_start_epoch=start,
-        learning_rate=args.learning_rate,
-        lr_schedule="multistep",
         lr_milestones=str(args.lr_drop_epoch),
-        weight_decay=args.weight_decay,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        crop_padding=0,
-        flip=False,
         seed=seed,
-        eval_every=args.eval_every,
-        checkpoint_every=args.epochs,  # only the final state is measured
-        keep_checkpoints=1,
-        progress=False,
+        checkpoint_every=args.base.epochs,  # only the final state is measured
         output_dir=os.path.join(args.output_dir, "runs", f"{arm}-s{seed}"),
     )
+
+
+def run_configs(args: LatePhaseFashionConfig) -> list[TrainConfig]:
+    """Every run of the protocol, resolved: arms x seeds."""
+    return [
+        config_lib.resolve(run_config(args, arm, seed))
+        for arm in arms(args)
+        for seed in range(args.seeds)
+    ]
 
 
 def make_measure(experiment: trainer.Experiment, dataset: input_pipeline.Dataset, args):
@@ -202,37 +205,36 @@ def make_measure(experiment: trainer.Experiment, dataset: input_pipeline.Dataset
 def run_all(args: LatePhaseFashionConfig) -> list[dict[str, Any]]:
     rows = []
     dataset, measure = None, None
-    for arm in arms(args):
-        for seed in range(args.seeds):
-            config = config_lib.resolve(run_config(args, arm, seed))
-            if dataset is None:
-                dataset = trainer.load_dataset(config)  # the same data for every run
-            summary, metrics, trained = cached_runs.run_or_load(config, dataset)
-            experiment, state = cached_runs.final_state(config, dataset)
-            if measure is None:
-                measure = make_measure(experiment, dataset, args)
-            params = jax.device_get(state.params)
-            batch_stats = jax.device_get(state.batch_stats)
-            values = measure(params, batch_stats, jax.random.key(seed))
-            row = dict(
-                arm=arm,
-                run=arm_label(arm, args),
-                sam_start_epoch=config.sam_start_epoch if arm != "sgd" else args.epochs,
-                seed=seed,
-                trained=trained,
-                test_acc=summary["final_test_accuracy"],
-                train_acc=summary["final_train_accuracy"],
-                **{k: float(v) for k, v in values.items()},
-                wall_time_s=summary["wall_time_s"],
-                curve=[m.get("test_accuracy", np.nan) for m in metrics],
-            )
-            rows.append(row)
-            print(
-                f"{arm} s{seed}: {'trained' if trained else 'done already'}, test "
-                f"{row['test_acc']:.4f}, top eigenvalue {row['top_eigenvalue']:.4g}, "
-                f"train loss {row['train_loss']:.4g}",
-                flush=True,
-            )
+    runs = [(arm, seed) for arm in arms(args) for seed in range(args.seeds)]
+    for (arm, seed), config in zip(runs, run_configs(args), strict=True):
+        if dataset is None:
+            dataset = trainer.load_dataset(config)  # the same data for every run
+        summary, metrics, trained = cached_runs.run_or_load(config, dataset)
+        experiment, state = cached_runs.final_state(config, dataset)
+        if measure is None:
+            measure = make_measure(experiment, dataset, args)
+        params = jax.device_get(state.params)
+        batch_stats = jax.device_get(state.batch_stats)
+        values = measure(params, batch_stats, jax.random.key(seed))
+        row = dict(
+            arm=arm,
+            run=arm_label(arm, args),
+            sam_start_epoch=config.sam_start_epoch if arm != "sgd" else config.epochs,
+            seed=seed,
+            trained=trained,
+            test_acc=summary["final_test_accuracy"],
+            train_acc=summary["final_train_accuracy"],
+            **{k: float(v) for k, v in values.items()},
+            wall_time_s=summary["wall_time_s"],
+            curve=[m.get("test_accuracy", np.nan) for m in metrics],
+        )
+        rows.append(row)
+        print(
+            f"{arm} s{seed}: {'trained' if trained else 'done already'}, test "
+            f"{row['test_acc']:.4f}, top eigenvalue {row['top_eigenvalue']:.4g}, "
+            f"train loss {row['train_loss']:.4g}",
+            flush=True,
+        )
     return rows
 
 
@@ -302,6 +304,7 @@ def verdict(rows, summary, args) -> list[str]:
 
 
 def plot(rows, summary, args, out) -> None:
+    base = args.base
     plt = reporting.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(arms(args))
@@ -335,14 +338,14 @@ def plot(rows, summary, args, out) -> None:
             label=arm_label(name, args),
         )
     axes[2].axvline(args.lr_drop_epoch, color="gray", ls=":", lw=1, label="lr x0.1")
-    axes[2].axvline(args.epochs - args.sam_epochs, color="C2", ls=":", lw=1, label="SAM on")
+    axes[2].axvline(base.epochs - args.sam_epochs, color="C2", ls=":", lw=1, label="SAM on")
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("test accuracy (%), mean over seeds")
     axes[2].legend(fontsize=7)
     fig.suptitle(
-        f"{args.dataset}: {args.model} {args.model_kwargs}, {args.train_size} training images, "
-        f"{args.epochs} epochs, lr {args.learning_rate:g} (x0.1 at {args.lr_drop_epoch}), "
-        f"wd {args.weight_decay:g}, rho {args.rho:g}"
+        f"{base.dataset}: {base.model} {base.model_kwargs}, {base.train_size} training images, "
+        f"{base.epochs} epochs, lr {base.learning_rate:g} (x0.1 at {args.lr_drop_epoch}), "
+        f"wd {base.weight_decay:g}, rho {base.rho:g}"
     )
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{NAME}.png"), dpi=80)
@@ -350,6 +353,7 @@ def plot(rows, summary, args, out) -> None:
 
 
 def write_report(rows, summary, args, seconds, loads, out) -> None:
+    base = args.base
     table = [
         dict(
             run=s["run"],
@@ -365,11 +369,11 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Protocol: {args.dataset}, {args.model} {args.model_kwargs}, {args.train_size} "
-        f"training images, {args.epochs} epochs of SGD with momentum 0.9 (batch "
-        f"{args.batch_size}, lr {args.learning_rate:g}, x0.1 at epoch {args.lr_drop_epoch}, "
-        f"weight decay {args.weight_decay:g}, no augmentation), label noise {args.label_noise:g}"
-        f"; SAM at rho {args.rho:g}; {args.seeds} seeds. Sharpness: top Hessian eigenvalue of "
+        f"Protocol: {base.dataset}, {base.model} {base.model_kwargs}, {base.train_size} "
+        f"training images, {base.epochs} epochs of SGD with momentum 0.9 (batch "
+        f"{base.batch_size}, lr {base.learning_rate:g}, x0.1 at epoch {args.lr_drop_epoch}, "
+        f"weight decay {base.weight_decay:g}, no augmentation), label noise {base.label_noise:g}"
+        f"; SAM at rho {base.rho:g}; {args.seeds} seeds. Sharpness: top Hessian eigenvalue of "
         f"the training cross-entropy (BatchNorm in evaluation mode, no weight decay) on "
         f"{args.hessian_size} training images, {args.lanczos_iters} Lanczos steps.",
         "",

@@ -29,7 +29,6 @@ Run: ``python -m experiments.papers.quadratic`` (figures and tables in runs/pape
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -39,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import optimizer_registry, reporting
+from experiments import flags, optimizer_registry, reporting
+from experiments.flags import option
 from experiments.papers import common
 
 # Gradient descent and the StableSAM paper's variants (labels and colours from the registry).
@@ -50,69 +50,41 @@ METHODS: tuple[str, ...] = ("gd", *common.STABLESAM_VARIANTS)
 class QuadraticConfig:
     """The experiment's settings (its flags), fixed once parsed."""
 
-    dim: int = 20
-    lambda_min: float = 0.1
-    lambda_max: float = 10.0
-    spectrum: str = "linear"
-    methods: Sequence[str] = METHODS
-    rho: float = 0.05
-    steps: int = 2000
-    num_lrs: int = 80
-    lr_range: Sequence[float] = (0.02, 1.5)
-    tol: float = 1e-8
-    noise_std: float = 0.0
-    seed: int = 0
-    output_dir: str = os.path.join(common.OUTPUT_ROOT, "quadratic")
-    command: str = ""  # the command line that reproduces the run
+    dim: int = option(20, "Dimension d of the quadratic.")
+    lambda_min: float = option(0.1, "Smallest Hessian eigenvalue.")
+    lambda_max: float = option(10.0, "Largest Hessian eigenvalue.")
+    spectrum: str = option(
+        "linear",
+        "Spacing of the d eigenvalues between --lambda-min and --lambda-max.",
+        choices=("linear", "geometric"),
+    )
+    methods: Sequence[str] = flags.methods_option(METHODS)
+    rho: float = option(0.05, "Ascent radius of every SAM variant.")
+    steps: int = option(2000, "Iterations per run.")
+    num_lrs: int = option(80, "Learning rates in the grid.")
+    lr_range: Sequence[float] = option(
+        (0.02, 1.5),
+        "Grid range in units of GD's bound 2 / lambda_max (log-spaced).",
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+    )
+    tol: float = option(1e-8, "Converged once L(w_t) <= tol * L(w_0) (deterministic runs).")
+    noise_std: float = option(
+        0.0,
+        "Std of Gaussian noise added to every gradient evaluation (0: deterministic). "
+        "With noise the final loss is the mean over the last 10%% of iterations.",
+    )
+    seed: int = option(0, "Seed of the rotation, start and noise.")
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, "quadratic"), "Where the PNG figures, CSV and markdown go."
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
 
 
 def parse_args(argv: Sequence[str] | None = None) -> QuadraticConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--dim", type=int, default=20, help="Dimension d of the quadratic.")
-    p.add_argument("--lambda-min", type=float, default=0.1, help="Smallest Hessian eigenvalue.")
-    p.add_argument("--lambda-max", type=float, default=10.0, help="Largest Hessian eigenvalue.")
-    p.add_argument(
-        "--spectrum",
-        choices=("linear", "geometric"),
-        default="linear",
-        help="Spacing of the d eigenvalues between --lambda-min and --lambda-max.",
-    )
-    common.add_methods_flag(p, METHODS)
-    p.add_argument("--rho", type=float, default=0.05, help="Ascent radius of every SAM variant.")
-    p.add_argument("--steps", type=int, default=2000, help="Iterations per run.")
-    p.add_argument("--num-lrs", type=int, default=80, help="Learning rates in the grid.")
-    p.add_argument(
-        "--lr-range",
-        type=float,
-        nargs=2,
-        default=(0.02, 1.5),
-        metavar=("LOW", "HIGH"),
-        help="Grid range in units of GD's bound 2 / lambda_max (log-spaced).",
-    )
-    p.add_argument(
-        "--tol",
-        type=float,
-        default=1e-8,
-        help="Converged once L(w_t) <= tol * L(w_0) (deterministic runs).",
-    )
-    p.add_argument(
-        "--noise-std",
-        type=float,
-        default=0.0,
-        help="Std of Gaussian noise added to every gradient evaluation (0: deterministic). "
-        "With noise the final loss is the mean over the last 10%% of iterations.",
-    )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the rotation, start and noise.")
-    p.add_argument(
-        "--output-dir",
-        default=QuadraticConfig.output_dir,
-        help="Where the PNG figures, CSV and markdown go.",
-    )
-    args = p.parse_args(argv)
+    values = flags.parse(QuadraticConfig, argv, description=__doc__.split("\n\n")[0])
     command = reporting.command_line("experiments.papers.quadratic", argv)
-    return common.config_from_args(QuadraticConfig, args, command=command)
+    return QuadraticConfig(**values, command=command)
 
 
 def spectrum(args: QuadraticConfig) -> np.ndarray:
