@@ -44,6 +44,20 @@ def _check_k(k: Any) -> None:
         raise ValueError(f"k must be >= 1, got {k!r}. {hint}")
 
 
+def _orthogonal_part(g_s: optax.Updates, g: optax.Updates, like: optax.Updates) -> optax.Updates:
+    """g_v = g_s - <g_s, n(g)> n(g), in the dtypes of `like` (the stored g_v)."""
+    c = tree.projection_coefficient(g_s, g)
+    return jax.tree.map(
+        lambda x, y, old: (x - c.astype(x.dtype) * y).astype(old.dtype), g_s, g, like
+    )
+
+
+def _reused_gradient(g: optax.Updates, g_v: optax.Updates, alpha: Any) -> optax.Updates:
+    """g + alpha ||g|| / ||g_v|| g_v (g alone where g_v is 0)."""
+    scale = jnp.asarray(alpha, jnp.float32) * tree.safe_divide(tree.l2_norm(g), tree.l2_norm(g_v))
+    return tree.axpy(scale, g_v, g)
+
+
 @_ascent.with_shared_args_doc
 def looksam(
     rho: float | jax.Array | optax.Schedule = 0.05,
@@ -148,24 +162,13 @@ def looksam(
 
         # Each kind of step computes only its own quantities, inside its branch.
         def sam_branch():
-            g_s, eps = ascent.sam_gradient(
-                g if sync_ascent else updates, updates, params, grad_fn, rho_now
-            )
+            direction = g if sync_ascent else updates
+            g_s, eps = ascent.sam_gradient(direction, updates, params, grad_fn, rho_now)
             g_s = tree.to_wide(ascent.average(g_s))
-            c = tree.projection_coefficient(g_s, g_wide)  # g_v = g_s - <g_s, n(g)> n(g)
-            g_v = jax.tree.map(
-                lambda x, y, old: (x - c.astype(x.dtype) * y).astype(old.dtype),
-                g_s,
-                g_wide,
-                state.g_v,
-            )
-            return tree.cast_like(g_s, updates), g_v, eps
+            return tree.cast_like(g_s, updates), _orthogonal_part(g_s, g_wide, state.g_v), eps
 
         def reuse_branch():
-            scale = jnp.asarray(alpha, jnp.float32) * tree.safe_divide(
-                tree.l2_norm(g_wide), tree.l2_norm(state.g_v)
-            )
-            out = tree.axpy(scale, state.g_v, g_wide)
+            out = _reused_gradient(g_wide, state.g_v, alpha)
             return tree.cast_like(out, updates), state.g_v, ascent.no_eps(params)
 
         def no_ascent_branch():  # a SAM step whose rho is 0: output g, store g_v = 0
