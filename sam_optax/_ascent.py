@@ -369,9 +369,19 @@ class Ascent:
     # -- update's inputs ----------------------------------------------------------------------
 
     def check_update_inputs(
-        self, updates: Any, params: Any, grad_fn: Any, *, micro_batches: Any = None
-    ) -> None:
-        """The trace-time checks of `update`'s inputs; every factory's `update` calls it first."""
+        self,
+        updates: Any,
+        params: Any,
+        grad_fn: Any,
+        count: jax.Array,
+        *,
+        micro_batches: Any = None,
+    ) -> optax.Params:
+        """The trace-time checks of `update`'s inputs; every factory's `update` calls it first.
+
+        `count` is the state's step count. Returns the params the ascent perturbs (`params`).
+        """
+        del count  # For checks that depend on the step (e.g. on the first one only).
         if grad_fn is None:
             raise TypeError(MISSING_GRAD_FN)
         if params is None:
@@ -392,6 +402,7 @@ class Ascent:
                 "batch), pass grad_fn=sam_optax.accumulate_grad_fn(per_batch_grad_fn, "
                 "micro_batches) and no micro_batches."
             )
+        return params
 
     # -- the perturbed gradient ---------------------------------------------------------------
 
@@ -463,6 +474,12 @@ class Ascent:
         return stable_rescale(
             out, mean_grads, params, eps, max_scale=self.stable_max_scale, norm=self.stable_norm
         )
+
+
+def zero_buffers(params: optax.Params) -> optax.Updates:
+    """The zero buffers of a variant's state (init's one use of the params): zeros shaped like
+    the params, each in its wide dtype."""
+    return tree.zeros_wide(params)
 
 
 SHARED_ARGS_DOC = """

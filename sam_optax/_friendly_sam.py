@@ -104,7 +104,7 @@ def friendly_sam(
     _ascent.check_real("lmbda", lmbda, low=0.0, high=1.0, hint=hint)
 
     def init_fn(params: optax.Params) -> FriendlySAMState:
-        return FriendlySAMState(count=jnp.zeros([], jnp.int32), m=tree.zeros_wide(params))
+        return FriendlySAMState(count=jnp.zeros([], jnp.int32), m=_ascent.zero_buffers(params))
 
     def update_fn(
         updates: optax.Updates,
@@ -115,7 +115,7 @@ def friendly_sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, FriendlySAMState]:
         del extra_args
-        ascent.check_update_inputs(updates, params, grad_fn)
+        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         first = state.count == 0
         # The first step: d = g and m = g (m_prev is 0 there).

@@ -118,7 +118,7 @@ def gsam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, GSAMState]:
         del extra_args
-        ascent.check_update_inputs(updates, params, grad_fn)
+        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         new_state = GSAMState(count=optax.safe_increment(state.count))
         g = ascent.average(updates)

@@ -140,7 +140,7 @@ def looksam(
     )
 
     def init_fn(params: optax.Params) -> LookSAMState:
-        return LookSAMState(count=jnp.zeros([], jnp.int32), g_v=tree.zeros_wide(params))
+        return LookSAMState(count=jnp.zeros([], jnp.int32), g_v=_ascent.zero_buffers(params))
 
     def update_fn(
         updates: optax.Updates,
@@ -151,7 +151,7 @@ def looksam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, LookSAMState]:
         del extra_args
-        ascent.check_update_inputs(updates, params, grad_fn)
+        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         count = optax.safe_increment(state.count)
         g = ascent.average(updates)

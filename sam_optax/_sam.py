@@ -229,7 +229,9 @@ def sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         del extra_args
-        ascent.check_update_inputs(updates, params, grad_fn, micro_batches=micro_batches)
+        params = ascent.check_update_inputs(
+            updates, params, grad_fn, state.count, micro_batches=micro_batches
+        )
         rho_now = ascent.rho_at(state.count)
         new_state = SAMState(count=optax.safe_increment(state.count))
         if micro_batches is not None:

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax import _tree as tree
 from sam_optax._ascent import PerturbMask
 from sam_optax._grad_fn import GradFn
 from sam_optax._parallel import AxisName
@@ -104,7 +103,7 @@ def vasso(
         raise ValueError(f"theta must be > 0 (theta = 0 never uses the gradient). {hint}")
 
     def init_fn(params: optax.Params) -> VaSSOState:
-        return VaSSOState(count=jnp.zeros([], jnp.int32), d=tree.zeros_wide(params))
+        return VaSSOState(count=jnp.zeros([], jnp.int32), d=_ascent.zero_buffers(params))
 
     def update_fn(
         updates: optax.Updates,
@@ -115,7 +114,7 @@ def vasso(
         **extra_args: Any,
     ) -> tuple[optax.Updates, VaSSOState]:
         del extra_args
-        ascent.check_update_inputs(updates, params, grad_fn)
+        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         # The first step: d = g (d_prev is 0 there).
         theta_now = jnp.where(state.count == 0, 1.0, jnp.asarray(theta, jnp.float32))
