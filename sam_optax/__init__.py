@@ -18,27 +18,13 @@ from typing import Any as _Any
 
 from sam_optax import sharpness
 from sam_optax._accumulation import accumulate_grad_fn
-from sam_optax._sam import (
-    SAMState,
-    asam,
-    per_device,
-    perturbation,
-    sam,
-    stable_sam,
-    usam,
-)
+from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
+from sam_optax._gsam import GSAMState, gsam, gsam_rho_schedule
+from sam_optax._looksam import LookSAMState, looksam
+from sam_optax._parallel import per_device
+from sam_optax._sam import SAMState, asam, perturbation, sam, stable_sam, usam
 from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
-from sam_optax._variants import (
-    FriendlySAMState,
-    GSAMState,
-    LookSAMState,
-    VaSSOState,
-    friendly_sam,
-    gsam,
-    gsam_rho_schedule,
-    looksam,
-    vasso,
-)
+from sam_optax._vasso import VaSSOState, vasso
 
 __version__ = "0.1.0"
 

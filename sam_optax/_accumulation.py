@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._sam import GradFn, _at_least_f32, _micro_batch_count, _varying_like
+from sam_optax._grad_fn import GradFn, micro_batch_count
+from sam_optax._parallel import varying_like
+from sam_optax._tree import wide_dtype
 
 BatchGradFn = Callable[[optax.Params, Any], optax.Updates]
 
@@ -68,13 +70,13 @@ def accumulate_grad_fn(grad_fn: BatchGradFn, micro_batches: Any) -> GradFn:
       >>> bool(jnp.allclose(updates["w"], expected["w"], rtol=1e-6))
       True
     """
-    k = _micro_batch_count(micro_batches)
+    k = micro_batch_count(micro_batches)
 
     def mean_grad_fn(params: optax.Params) -> optax.Updates:
         first = jax.tree.map(lambda x: x[0], micro_batches)
         shapes = jax.eval_shape(grad_fn, params, first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _at_least_f32(s.dtype)), shapes)
-        zeros = _varying_like(zeros, params, micro_batches)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, wide_dtype(s.dtype)), shapes)
+        zeros = varying_like(zeros, params, micro_batches)
 
         def body(total, batch):
             g = grad_fn(params, batch)

@@ -189,7 +189,7 @@ def check_inputs(
     check_not_masked(updates, params, call)
     check_grad_fn_arity(grad_fn, 1 if micro_batches is None else 2, call)
     if _inside("apply_if_finite"):
-        warnings.warn(_APPLY_IF_FINITE_WARNING.format(call=call), stacklevel=3)
+        warnings.warn(_APPLY_IF_FINITE_WARNING.format(call=call), stacklevel=4)
     return lookahead_fast_params(params, updates)
 
 
@@ -245,7 +245,7 @@ def check_input_gradient(
     if updates is None:
         return  # micro_batches: there is no incoming gradient to compare.
     if axis_name is not None:
-        from sam_optax._sam import per_device  # noqa: PLC0415 (sam_optax._sam imports us)
+        from sam_optax._parallel import per_device  # noqa: PLC0415
 
         params = per_device(params, axis_name)
 

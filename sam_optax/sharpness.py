@@ -320,8 +320,8 @@ def sam_sharpness(
     adaptive: bool = False,
     eta: float = 0.01,
     normalize: bool = True,
-    ascent_norm: float = 2.0,
-    ascent_steps: int = 1,
+    ascent_norm: float | None = None,
+    ascent_steps: int | None = None,
     perturb_mask: Any = None,
 ) -> jax.Array:
     """Returns SAM's sharpness ``L(w + eps) - L(w)`` for the ascent of ``sam_optax.sam``.

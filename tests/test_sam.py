@@ -724,7 +724,7 @@ class NonFiniteTest(chex.TestCase):
                 out, _ = jax.jit(functools.partial(run_update, tx, grad_fn=self.grad_fn))(
                     grads, self.params
                 )
-                self.assertFalse(bool(sam_optax._sam._all_finite(out)), (bad, leaf))
+                self.assertFalse(bool(sam_optax._tree.all_finite(out)), (bad, leaf))
 
     @parameterized.named_parameters(*NON_FINITE_VARIANTS)
     def test_in_the_perturbed_gradient(self, rho=0.1, **kw):
@@ -735,7 +735,7 @@ class NonFiniteTest(chex.TestCase):
         out, _ = run_update(
             sam_optax.sam(rho, **kw), self.grad_fn(self.params), self.params, grad_fn
         )
-        self.assertFalse(bool(sam_optax._sam._all_finite(out)))
+        self.assertFalse(bool(sam_optax._tree.all_finite(out)))
 
     def test_in_an_intermediate_ascent_gradient(self):
         """inf only on the way (|eps| = 0.11 after the first of two sign steps, 0.22 after both)."""
@@ -747,7 +747,7 @@ class NonFiniteTest(chex.TestCase):
 
         tx = sam_optax.sam(0.1, ascent_norm=np.inf, ascent_steps=2)
         out, _ = run_update(tx, self.grad_fn(self.params), self.params, grad_fn)
-        self.assertFalse(bool(sam_optax._sam._all_finite(out)))
+        self.assertFalse(bool(sam_optax._tree.all_finite(out)))
 
     def test_apply_if_finite_skips_the_step(self):
         tx = optax.apply_if_finite(
@@ -763,7 +763,7 @@ class NonFiniteTest(chex.TestCase):
         grads = self.grad_fn(self.params)
         grads["b"] = grads["b"].at[0].set(np.nan)
         eps = sam_optax.perturbation(grads, self.params, rho=0.1)
-        self.assertFalse(bool(sam_optax._sam._all_finite(eps)))
+        self.assertFalse(bool(sam_optax._tree.all_finite(eps)))
 
 
 class Float64Test(chex.TestCase):

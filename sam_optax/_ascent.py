@@ -1,0 +1,517 @@
+"""The ascent every transformation of this library shares.
+
+:class:`Ascent` holds the keywords that :func:`sam_optax.sam` and its variants share and does
+what they mean: the construction-time argument checks, the trace-time checks of `update`'s
+inputs (:meth:`Ascent.check_update_inputs`, the first call of every `update`), rho and its
+schedule (a rho known at construction picks branches when tracing), the perturbed gradient, the
+average over `axis_name` and StableSAM's renormalization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_optax import _composition, _parallel
+from sam_optax import _tree as tree
+from sam_optax._grad_fn import MISSING_GRAD_FN, GradFn, evaluate_grad_fn
+from sam_optax._parallel import AxisName, per_device
+
+# A pytree of booleans shaped like the params (or a prefix of it), or a function of the params
+# returning one. True marks the parameters that the ascent perturbs.
+PerturbMask = Any | Callable[[optax.Params], Any]
+
+# ascent_norm=None and ascent_steps=None (every factory's default) mean these. The defaults are
+# None, not numbers, so that `optax.inject_hyperparams` does not turn them into arrays.
+DEFAULT_ASCENT_NORM = 2.0
+DEFAULT_ASCENT_STEPS = 1
+
+STABLE_NORMS = ("plain", "adaptive")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (construction time; traced values, e.g. under `inject_hyperparams`, pass).
+# --------------------------------------------------------------------------------------------
+
+
+def concrete_float(value: Any) -> float | None:
+    """The value as a float, or None when it is traced (its check happens at trace time)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_args(*, rho: Any, eta: Any, ascent_norm: Any = None, ascent_steps: Any = None) -> None:
+    """Checks rho, eta, ascent_norm and ascent_steps (None: the default norm and steps)."""
+    if not callable(rho):
+        rho_value = concrete_float(rho)
+        if rho_value is not None and not (rho_value >= 0 and math.isfinite(rho_value)):
+            raise ValueError(
+                "rho must be a non-negative, finite float (0 turns SAM off) or an optax "
+                f"schedule, got rho={rho!r}; e.g. sam_optax.sam(rho=0.05)."
+            )
+    eta_value = concrete_float(eta)
+    if eta_value is not None and not (eta_value >= 0 and math.isfinite(eta_value)):
+        raise ValueError(
+            f"eta must be >= 0 and finite (ASAM's default is 0.01), got eta={eta!r}; "
+            "e.g. sam_optax.asam(rho=0.5, eta=0.01)."
+        )
+    static_hint = (
+        " With optax.inject_hyperparams, list it in static_args=('ascent_norm', 'ascent_steps'),"
+        " e.g. optax.inject_hyperparams(sam_optax.sam, static_args=('ascent_norm',))"
+        "(rho=0.05, ascent_norm=float('inf'))."
+        if isinstance(ascent_norm, jax.Array) or isinstance(ascent_steps, jax.Array)
+        else ""
+    )
+    if ascent_norm is not None and (
+        isinstance(ascent_norm, bool)
+        or not isinstance(ascent_norm, numbers.Real)
+        or not float(ascent_norm) > 1
+    ):
+        raise ValueError(
+            "ascent_norm is the p of the L-p ball of the ascent and must be a Python number > 1 "
+            f"(2.0 for SAM, float('inf') for a sign/FGSM-style ascent), got {ascent_norm!r}."
+            + static_hint
+        )
+    if ascent_steps is None:
+        return
+    if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, numbers.Integral):
+        raise TypeError(f"ascent_steps must be an int >= 1, got {ascent_steps!r}." + static_hint)
+    if ascent_steps < 1:
+        raise ValueError(f"ascent_steps must be >= 1 (1 is plain SAM), got {ascent_steps!r}.")
+
+
+def check_stable_args(
+    *, stable: bool, stable_max_scale: Any, stable_norm: str, call: str = "sam"
+) -> None:
+    """Checks StableSAM's keywords; `call` names the factory in the messages."""
+    if stable_norm not in STABLE_NORMS:
+        raise ValueError(
+            f"stable_norm must be one of {STABLE_NORMS}, got {stable_norm!r}; e.g. "
+            f"{call}(rho, stable=True, stable_norm='adaptive')."
+        )
+    if stable_max_scale is not None:
+        cap = concrete_float(stable_max_scale)
+        if cap is not None and not cap > 0:
+            raise ValueError(
+                "stable_max_scale caps StableSAM's factor ||g|| / ||g_SAM|| and must be > 0 "
+                f"(1.0 is the official code's truncation), got {stable_max_scale!r}."
+            )
+    if not stable and (stable_max_scale is not None or stable_norm != "plain"):
+        raise ValueError(
+            "stable_max_scale and stable_norm set StableSAM's renormalization; pass "
+            f"stable=True too, e.g. {call}(rho, stable=True, stable_max_scale=1.0)."
+        )
+
+
+def check_real(name: str, value: Any, *, low: float, high: float | None, hint: str) -> None:
+    """value in [low, high] (or >= low without high) when it is known at construction."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    real = isinstance(value, (numbers.Real, jax.Array, np.ndarray))
+    number = concrete_float(value) if real else None
+    if number is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {value!r}. {hint}")
+    if not (number >= low and (high is None or number <= high)):
+        interval = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {interval}, got {value!r}. {hint}")
+
+
+def resolve_mask(perturb_mask: PerturbMask, params: optax.Params) -> Any:
+    """One Python boolean per leaf of params (None: perturb every parameter)."""
+    if perturb_mask is None:
+        return None
+    mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
+    if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
+        raise TypeError(
+            "perturb_mask must hold Python booleans (it decides the program's shape), got traced "
+            "values. With optax.inject_hyperparams, list it in static_args, e.g. "
+            "optax.inject_hyperparams(sam_optax.sam, static_args=('perturb_mask',))(rho=0.05, "
+            "perturb_mask=mask)."
+        )
+    # Broadcast a prefix pytree of booleans to one boolean per leaf of params.
+    mask = jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), mask, params)
+    if jax.tree.leaves(params) and not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"perturb_mask marks no parameter (it resolved to {perturb_mask!r} for every leaf), so "
+            "the ascent would do nothing. With optax.inject_hyperparams, a function perturb_mask "
+            "is taken for a schedule: list it in static_args, e.g. "
+            "optax.inject_hyperparams(sam_optax.sam, static_args=('perturb_mask',))(rho=0.05, "
+            "perturb_mask=fn)."
+        )
+    return mask
+
+
+def inside_multi_steps() -> bool:
+    """Whether `optax.MultiSteps.update` is on the call stack (checked when the step traces)."""
+    code = getattr(getattr(getattr(optax, "MultiSteps", None), "update", None), "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+MULTI_STEPS_WARNING = (
+    "sam_optax.sam inside optax.MultiSteps: at every micro-batch the ascent starts from the "
+    "running mean of the gradients and evaluates that micro-batch's grad_fn, and only the last "
+    "call's result is kept, so the SAM gradient comes from the last micro-batch alone (neither SAM "
+    "on the whole batch nor per-micro-batch SAM) and k - 1 second passes are wasted. Inside one "
+    "step, use grad_fn=sam_optax.accumulate_grad_fn(per_batch_grad_fn, micro_batches) (the ascent "
+    "from the mean gradient) or tx.update(None, state, params, grad_fn=per_batch_grad_fn, "
+    "micro_batches=micro_batches) (one ascent per micro-batch)."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The ascent's arithmetic.
+# --------------------------------------------------------------------------------------------
+
+
+def dual_direction(v: Any, p: float) -> Any:
+    """d(v) = argmax over ||e||_p <= 1 of <v, e>, for a float32 pytree v; 0 where v is 0.
+
+    p = 2: v / ||v||_2. p = inf: sign(v). Otherwise, with q = p / (p - 1):
+    sign(v) |v|^(q-1) / ||v||_q^(q-1). Computed in the dtype of v (at least float32).
+    """
+    if p == 2:
+        norm = tree.l2_norm(v)
+        inv_norm = tree.safe_divide(jnp.ones([], norm.dtype), norm)
+        return jax.tree.map(lambda x: x * inv_norm, v)
+    if math.isinf(p):
+        return jax.tree.map(jnp.sign, v)
+    q = p / (p - 1.0)
+    leaves = jax.tree.leaves(v)
+    norm_q = sum(jnp.sum(jnp.abs(x) ** q) for x in leaves) ** (1.0 / q)
+    # (|v| / ||v||_q)^(q-1) is |v|^(q-1) / ||v||_q^(q-1) without overflowing |v|^(q-1).
+    return jax.tree.map(
+        lambda x: jnp.sign(x) * tree.safe_divide(jnp.abs(x), norm_q) ** (q - 1.0), v
+    )
+
+
+def ascent_direction(
+    grads: Any, params: Any, *, adaptive: bool, eta: Any, normalize: bool, ascent_norm: float, mask
+) -> Any:
+    """One ascent step of unit radius, at least float32: T d(T g) (normalized) or T T g (USAM).
+
+    T = |w| + eta elementwise when adaptive (ASAM), else 1.
+    """
+    g = tree.apply_mask(tree.to_wide(grads), mask)
+    if adaptive:
+        scale = jax.tree.map(lambda w: jnp.abs(w) + eta, tree.to_wide(params))
+        g = jax.tree.map(jnp.multiply, scale, g)
+    direction = dual_direction(g, ascent_norm) if normalize else g
+    if adaptive:
+        direction = jax.tree.map(jnp.multiply, scale, direction)
+    return tree.apply_mask(direction, mask)
+
+
+def stable_rescale(g_out, g, params, eps, *, max_scale, norm: str):
+    """StableSAM: g_out * min(max_scale, N(g) / N'(g_out)), in at least float32.
+
+    N = N' = the L2 norm for norm="plain"; for "adaptive", N(v) = ||(|w|) v|| and
+    N'(v) = ||(|w + eps|) v||, the norms of the official code's adaptive variants. NaN everywhere
+    if a norm is not finite, so that a non-finite gradient is never rescaled away.
+    """
+    wide = tree.to_wide
+    if norm == "adaptive":
+        numerator = tree.l2_norm(jax.tree.map(lambda w, x: jnp.abs(wide(w)) * wide(x), params, g))
+        denominator = tree.l2_norm(
+            jax.tree.map(lambda w, e, x: jnp.abs(wide(w) + e) * wide(x), params, eps, g_out)
+        )
+    else:
+        numerator, denominator = tree.l2_norm(g), tree.l2_norm(g_out)
+    scale = tree.safe_divide(numerator, denominator)
+    if max_scale is not None:
+        scale = jnp.minimum(scale, jnp.asarray(max_scale, scale.dtype))
+    finite = jnp.isfinite(numerator) & jnp.isfinite(denominator)
+    return tree.nan_unless(finite, jax.tree.map(lambda x: (wide(x) * scale).astype(x.dtype), g_out))
+
+
+def ascend(
+    grads: Any,
+    params: Any,
+    grad_fn: GradFn | None,
+    rho: Any,
+    *,
+    like: Any,
+    adaptive: bool,
+    eta: Any,
+    normalize: bool,
+    ascent_norm: float,
+    ascent_steps: int,
+    mask: Any,
+    reduce_grads: Callable = lambda g: g,
+    axis_name: AxisName | None = None,
+    final_gradient: bool = True,
+):
+    """Runs the ascent from `grads` (already reduced); returns (eps, gradient at w + eps).
+
+    eps_0 = 0, g_0 = g; eps_(i+1) = eps_i + (rho / k) step(g_i), g_(i+1) = reduce(grad_fn(w +
+    eps_(i+1))). For k = 1: eps = rho step(g) and one gradient evaluation. The gradient at the
+    final point is None when `final_gradient` is False (it is then not computed). eps is in the
+    promoted dtype of the params and float32; the gradients have the structure and dtypes of
+    `like`. Both are NaN everywhere when g or a gradient evaluated on the way has a non-finite
+    element.
+    """
+    step = functools.partial(
+        ascent_direction,
+        params=params,
+        adaptive=adaptive,
+        eta=eta,
+        normalize=normalize,
+        ascent_norm=ascent_norm,
+        mask=mask,
+    )
+    step_size = jnp.asarray(rho, tree.float_dtype(params)) / ascent_steps
+
+    def gradient_at(eps):
+        perturbed = tree.add_wide(params, eps)
+        if axis_name is not None:
+            perturbed = per_device(perturbed, axis_name)
+        return tree.cast_like(evaluate_grad_fn(grad_fn, perturbed, like), like)
+
+    def ascent_step(eps, g):
+        return jax.tree.map(lambda e, d: e + step_size * d, eps, step(g))
+
+    # A non-finite element in g (or in a gradient evaluated on the way) makes every output NaN:
+    # some ascents would hide it otherwise (sign(inf) = 1, a NaN norm switching the ascent off).
+    finite = tree.all_finite(grads)
+    eps = jax.tree.map(lambda d: step_size * d, step(grads))
+    if ascent_steps > 1:
+
+        def body(_, carry):
+            eps, finite = carry
+            g = reduce_grads(gradient_at(eps))
+            return ascent_step(eps, g), finite & tree.all_finite(g)
+
+        eps, finite = jax.lax.fori_loop(1, ascent_steps, body, (eps, finite))
+    if not final_gradient:
+        return tree.nan_unless(finite, eps), None
+    g_final = gradient_at(eps)
+    finite = finite & tree.all_finite(g_final)
+    return tree.nan_unless(finite, eps), tree.nan_unless(finite, g_final)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared keywords and what they do.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ascent:
+    """The keywords :func:`sam_optax.sam` and its variants share, and what they do.
+
+    `call` names the factory in error messages. The variants keep the defaults of `normalize`,
+    `ascent_norm` and `ascent_steps` (the normalized L2 ascent in one step).
+    """
+
+    call: str
+    rho: Any
+    adaptive: bool
+    eta: Any
+    stable: bool
+    stable_max_scale: Any
+    stable_norm: str
+    axis_name: AxisName | None
+    sync_ascent: bool
+    perturb_mask: PerturbMask
+    normalize: bool = True
+    ascent_norm: float | None = None
+    ascent_steps: int | None = None
+    warn_inside_multi_steps: bool = False
+    check_input_gradient: bool = False
+
+    def __post_init__(self) -> None:
+        check_args(
+            rho=self.rho, eta=self.eta, ascent_norm=self.ascent_norm, ascent_steps=self.ascent_steps
+        )
+        check_stable_args(
+            stable=self.stable,
+            stable_max_scale=self.stable_max_scale,
+            stable_norm=self.stable_norm,
+            call=self.call,
+        )
+        if self.sync_ascent and self.axis_name is None:
+            raise ValueError(
+                "sync_ascent=True averages gradients over `axis_name`; pass axis_name too, e.g. "
+                f"{self.call}(rho, axis_name='data', sync_ascent=True)."
+            )
+
+    # -- rho --------------------------------------------------------------------------------
+
+    @property
+    def static_rho(self) -> float | None:
+        """rho as a Python float when known at construction (picks branches when tracing); None
+        for a schedule or a traced value (e.g. from `inject_hyperparams`: decided by lax.cond)."""
+        if callable(self.rho) or isinstance(self.rho, jax.Array):
+            return None
+        return concrete_float(self.rho)
+
+    def rho_at(self, count: jax.Array) -> Any:
+        """rho at the step `count` (the number of earlier `update` calls)."""
+        return self.rho(count) if callable(self.rho) else self.rho
+
+    # -- update's inputs ----------------------------------------------------------------------
+
+    def check_update_inputs(
+        self,
+        updates: Any,
+        params: Any,
+        grad_fn: Any,
+        count: jax.Array,
+        *,
+        micro_batches: Any = None,
+    ) -> optax.Params:
+        """The trace-time checks of `update`'s inputs; every factory's `update` calls it first.
+
+        `count` is the state's step count. Returns the params the ascent perturbs (`params`).
+        """
+        params = _composition.check_inputs(
+            updates, params, grad_fn, call=self.call, micro_batches=micro_batches
+        )
+        if grad_fn is None:
+            raise TypeError(MISSING_GRAD_FN)
+        if params is None:
+            raise ValueError(
+                "sam_optax transformations need `params`: call tx.update(grads, state, params, "
+                "grad_fn=...)."
+            )
+        if self.check_input_gradient:
+            _composition.check_input_gradient(
+                updates, params, grad_fn, count, call=self.call, axis_name=self.axis_name
+            )
+        if self.warn_inside_multi_steps and inside_multi_steps():
+            warnings.warn(MULTI_STEPS_WARNING, stacklevel=3)
+        resolve_mask(self.perturb_mask, params)
+        if micro_batches is None:
+            if self.axis_name is not None:
+                _parallel.check_per_device_gradient(updates, self.axis_name)
+        elif self.sync_ascent:
+            raise ValueError(
+                "micro_batches gives every micro-batch its own ascent; sync_ascent=True asks "
+                "for one ascent from the averaged gradient. For that (SAM on the whole "
+                "batch), pass grad_fn=sam_optax.accumulate_grad_fn(per_batch_grad_fn, "
+                "micro_batches) and no micro_batches."
+            )
+        return params
+
+    # -- the perturbed gradient ---------------------------------------------------------------
+
+    def average(self, values: Any) -> Any:
+        """The mean over `axis_name` (the values themselves without one)."""
+        return _parallel.average(values, self.axis_name)
+
+    @property
+    def needs_eps(self) -> bool:
+        """Whether the output reads eps (StableSAM's adaptive norms)."""
+        return self.stable and self.stable_norm == "adaptive"
+
+    def typed_eps(self, eps: Any) -> Any:
+        """eps in float32, typed as varying over `axis_name` (both branches of a cond agree);
+        None when nothing reads it."""
+        if not self.needs_eps:
+            return None
+        eps = tree.to_wide(eps)
+        return eps if self.axis_name is None else per_device(eps, self.axis_name)
+
+    def no_eps(self, params: Any) -> Any:
+        """The eps of a step without ascent (None when nothing reads it)."""
+        return self.typed_eps(jax.tree.map(jnp.zeros_like, params))
+
+    def sam_gradient(self, direction: Any, like: Any, params: Any, grad_fn: GradFn, rho: Any):
+        """(the local gradient at w + eps, eps) for the ascent from `direction`.
+
+        The gradient has the structure and dtypes of `like`; it is NaN everywhere where
+        `direction`, `like` or a gradient the ascent evaluates is not finite (the normalization
+        would otherwise turn it into eps = 0 and hide it from optax.apply_if_finite).
+        """
+        eps, g_p = ascend(
+            direction,
+            params,
+            grad_fn,
+            rho,
+            like=like,
+            adaptive=self.adaptive,
+            eta=self.eta,
+            normalize=self.normalize,
+            ascent_norm=DEFAULT_ASCENT_NORM if self.ascent_norm is None else self.ascent_norm,
+            ascent_steps=DEFAULT_ASCENT_STEPS if self.ascent_steps is None else self.ascent_steps,
+            mask=resolve_mask(self.perturb_mask, params),
+            reduce_grads=self.average if self.sync_ascent else (lambda g: g),
+            axis_name=self.axis_name,
+        )
+        return tree.nan_unless(tree.all_finite(like), g_p), self.typed_eps(eps)
+
+    def perturbed_gradient(self, direction: Any, like: Any, params: Any, grad_fn: GradFn, rho: Any):
+        """:meth:`sam_gradient`, or (like, 0) where rho is 0 without evaluating `grad_fn` at
+        run time (`lax.cond` when rho is only known then)."""
+        if self.static_rho == 0:
+            return like, self.no_eps(params)
+        if self.static_rho is not None:
+            return self.sam_gradient(direction, like, params, grad_fn, rho)
+        return jax.lax.cond(
+            jnp.asarray(rho) > 0,
+            lambda: self.sam_gradient(direction, like, params, grad_fn, rho),
+            lambda: (like, self.no_eps(params)),
+        )
+
+    def rescale(self, out: Any, mean_grads: Any, params: Any, eps: Any) -> Any:
+        """StableSAM's renormalization of the output (a no-op unless `stable`); `eps` is each
+        device's own, averaged here."""
+        if not self.stable:
+            return out
+        if self.stable_norm == "adaptive":
+            eps = self.average(eps)
+        return stable_rescale(
+            out, mean_grads, params, eps, max_scale=self.stable_max_scale, norm=self.stable_norm
+        )
+
+
+def zero_buffers(params: optax.Params) -> optax.Updates:
+    """The zero buffers of a variant's state (init's one use of the params): zeros shaped like
+    the params, each in its wide dtype."""
+    return tree.zeros_wide(_composition.lookahead_fast_params(params))
+
+
+SHARED_ARGS_DOC = """
+      adaptive: scale the ascent by T = |w| + eta (ASAM): eps = rho T n(T d) instead of
+        rho n(d), d being the variant's ascent direction.
+      eta: the offset of ASAM's T; ignored unless `adaptive`. Defaults to 0.01.
+      stable: renormalize the output to the norm of the gradient (StableSAM), as in
+        :func:`sam_optax.sam`, with `stable_max_scale` and `stable_norm` as there.
+      stable_max_scale: with `stable`, cap the factor at this value (None: no cap).
+      stable_norm: with `stable`, "plain" (L2 norms) or "adaptive" (the official StableSAM
+        code's weighted norms ||(|w|) g|| / ||(|w + eps|) out||).
+      axis_name: inside `jax.shard_map`/`jax.pmap`, the data-parallel axis; `updates` is each
+        device's own gradient (see :func:`sam_optax.per_device`). Each device perturbs its weights
+        along its own direction (m-sharpness) and the transformation averages over the axis.
+      sync_ascent: with `axis_name`, build the ascent direction from the averaged gradient, so
+        every device uses the same eps.
+      perturb_mask: pytree of booleans (or a function of the params returning one) marking the
+        parameters to perturb, as in :func:`sam_optax.sam`.
+      check_input_gradient: on the first step, raise a ValueError if `updates` differs from
+        grad_fn(params) (a transformation in front of it in the chain), as in
+        :func:`sam_optax.sam`. Costs one more `grad_fn` evaluation on the first step.
+"""
+
+
+def with_shared_args_doc(function: Callable) -> Callable:
+    """Fills the `{shared_args}` line of a variant's docstring with :data:`SHARED_ARGS_DOC`."""
+    function.__doc__ = function.__doc__.replace("      {shared_args}\n", SHARED_ARGS_DOC[1:])
+    return function

@@ -1,0 +1,138 @@
+"""VaSSO: the ascent along an exponential moving average of the gradients, as an Optax
+gradient transformation in the style of :func:`sam_optax.sam`.
+
+Notation: g = the gradient at w (`updates`), n(v) = v / ||v||_2 (0 for v = 0), g_p = the gradient
+at w + eps. Norms and inner products are global over the pytree and accumulated in float32 (or
+the parameters' dtype if wider).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _ascent
+from sam_optax._ascent import PerturbMask
+from sam_optax._grad_fn import GradFn
+from sam_optax._parallel import AxisName
+from sam_optax._typing import Schedule
+
+
+class VaSSOState(NamedTuple):
+    """State of :func:`vasso`: the step count and d, the exponential moving average of the
+    gradients that sets the ascent direction (of the averaged gradients, with `axis_name`)."""
+
+    count: jax.Array
+    d: optax.Updates
+
+
+@_ascent.with_shared_args_doc
+def vasso(
+    rho: float | jax.Array | Schedule = 0.05,
+    theta: float | jax.Array = 0.9,
+    *,
+    adaptive: bool = False,
+    eta: float | jax.Array = 0.01,
+    stable: bool = False,
+    stable_max_scale: float | jax.Array | None = None,
+    stable_norm: str = "plain",
+    axis_name: AxisName | None = None,
+    sync_ascent: bool = False,
+    perturb_mask: PerturbMask = None,
+    check_input_gradient: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Variance-suppressed sharpness-aware optimization (VaSSO): the ascent along an EMA.
+
+    At the first step d = g; at the later steps
+
+    .. math::
+
+      d_t = (1 - \theta)\, d_{t-1} + \theta\, g, \qquad
+      \epsilon = \rho\, \frac{d_t}{\|d_t\|}, \qquad \text{output } \nabla L(w + \epsilon).
+
+    Averaging the ascent direction over steps suppresses the variance of the stochastic
+    gradient's direction. theta = 1 is SAM. Costs two passes per step (one where rho is 0; d is
+    updated on every step). The official code divides by ||d|| + 1e-7; here a zero d gives
+    eps = 0.
+
+    With `axis_name`, the stored d is built from the averaged gradients (the same on every
+    device); each device's ascent uses (1 - theta) d_{t-1} + theta g with its own g unless
+    `sync_ascent` (the average of those is the stored d).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss = lambda w: jnp.sum(w ** 2 * jnp.arange(1.0, 4.0))
+      >>> params = jnp.ones(3)
+      >>> tx = optax.chain(sam_optax.vasso(rho=0.05, theta=0.9), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.grad(loss)(params), state, params,
+      ...                            grad_fn=jax.grad(loss))
+
+    Args:
+      rho: radius of the ascent, >= 0, or an optax schedule of the step count. Defaults to 0.05.
+      theta: weight of the new gradient in the EMA, in (0, 1]. Defaults to 0.9 (the official
+        code's default).
+      {shared_args}
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose `update` needs `params` and
+      `grad_fn(params) -> gradient pytree`, as :func:`sam_optax.sam`. Its state holds d.
+
+    References:
+      Li and Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance Suppression
+      <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023 (official code: BingcongLi/VaSSO).
+    """
+    ascent = _ascent.Ascent(
+        call="vasso",
+        rho=rho,
+        adaptive=adaptive,
+        eta=eta,
+        stable=stable,
+        stable_max_scale=stable_max_scale,
+        stable_norm=stable_norm,
+        axis_name=axis_name,
+        sync_ascent=sync_ascent,
+        perturb_mask=perturb_mask,
+        check_input_gradient=check_input_gradient,
+    )
+    hint = "E.g. vasso(rho=0.05, theta=0.9) (theta = 1 is SAM)."
+    _ascent.check_real("theta", theta, low=0.0, high=1.0, hint=hint)
+    theta_value = _ascent.concrete_float(theta)
+    if theta_value == 0:
+        raise ValueError(f"theta must be > 0 (theta = 0 never uses the gradient). {hint}")
+
+    def init_fn(params: optax.Params) -> VaSSOState:
+        return VaSSOState(count=jnp.zeros([], jnp.int32), d=_ascent.zero_buffers(params))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: VaSSOState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: GradFn | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, VaSSOState]:
+        del extra_args
+        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
+        rho_now = ascent.rho_at(state.count)
+        # The first step: d = g (d_prev is 0 there).
+        theta_now = jnp.where(state.count == 0, 1.0, jnp.asarray(theta, jnp.float32))
+
+        def ema(d_prev, x):
+            return ((1 - theta_now) * d_prev + theta_now * x).astype(d_prev.dtype)
+
+        g = ascent.average(updates)
+        d = jax.tree.map(ema, state.d, g)
+        new_state = VaSSOState(count=optax.safe_increment(state.count), d=d)
+        if ascent.static_rho == 0:
+            return g, new_state
+        direction = d if sync_ascent or axis_name is None else jax.tree.map(ema, state.d, updates)
+        g_p, eps = ascent.perturbed_gradient(direction, updates, params, grad_fn, rho_now)
+        out = ascent.rescale(ascent.average(g_p), g, params, eps)
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
