@@ -15,13 +15,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from experiments import input_pipeline, models, optimizer_registry, presets
+from experiments import data, models, optimizer_registry, presets
 from experiments.flags import add_arguments, option, parse_command_line
 
 # Defined once, where they live: the data sets the pipeline loads, the models of the zoo and the
 # optimizers of the variant registry.
-DATASETS: tuple[str, ...] = input_pipeline.DATASETS
-LABEL_NOISE_MODES: tuple[str, ...] = input_pipeline.LABEL_NOISE_MODES
+DATASETS: tuple[str, ...] = data.DATASETS
+LABEL_NOISE_MODES: tuple[str, ...] = data.LABEL_NOISE_MODES
 MODELS: tuple[str, ...] = tuple(models.MODELS)
 OPTIMIZERS: tuple[str, ...] = optimizer_registry.optimizer_names()
 
@@ -305,7 +305,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for check in (_optimizer_errors, _schedule_errors, _run_errors, _data_errors):
         errors += check(config)
     if errors:
-        raise ConfigError("Invalid training configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError(" ".join(errors))
     return config
 
 

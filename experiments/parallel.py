@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import input_pipeline
+from experiments import data
 from experiments.config import ConfigError, TrainConfig
 from experiments.steps import AXIS, Metrics, TrainState, step_key
 
@@ -179,7 +179,7 @@ def shard_train_step(
 def shard_evaluate(eval_fn: Callable, mesh: Mesh) -> Callable[..., Metrics]:
     """The jitted data-parallel evaluation ``(state, images, labels, indices, masks) -> sums``.
 
-    `indices`/`masks` are ``[num_batches, batch]`` (from ``input_pipeline.eval_batches``),
+    `indices`/`masks` are ``[num_batches, batch]`` (from ``data.eval_batches``),
     sharded along the batch axis; one call scans over all batches on the devices.
     """
 
@@ -204,5 +204,5 @@ def shard_evaluate(eval_fn: Callable, mesh: Mesh) -> Callable[..., Metrics]:
 
 def eval_index_arrays(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """All evaluation batches stacked: ``[num_batches, batch]`` indices and masks."""
-    batches = list(input_pipeline.eval_batches(num_examples, batch_size))
+    batches = list(data.eval_batches(num_examples, batch_size))
     return np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])

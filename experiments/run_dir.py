@@ -146,9 +146,8 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     if differences:
         raise config_lib.ConfigError(
             f"The finished run in {config.output_dir!r} was made with another configuration "
-            "than the one asked for:\n  "
-            + "\n  ".join(differences)
-            + "\nAsk for the configuration of that run, or choose another --output-dir."
+            f"than the one asked for ({'; '.join(differences)}): ask for the configuration of "
+            "that run, or choose another --output-dir."
         )
     return summary
 
@@ -281,9 +280,8 @@ class OutputDir:
             if differences:
                 raise config_lib.ConfigError(
                     f"--resume: the run in {path!r} was started with a different "
-                    "configuration, so it cannot continue exactly:\n  "
-                    + "\n  ".join(differences)
-                    + "\nPass the same flags as the original run, or --overwrite to start afresh."
+                    f"configuration, so it cannot continue exactly ({'; '.join(differences)}): "
+                    "pass the same flags as the original run, or --overwrite to start afresh."
                 )
         elif config.overwrite:
             self._check_deletable(run_files, foreign)

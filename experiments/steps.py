@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import sam_optax
-from experiments import input_pipeline
+from experiments import data
 
 AXIS = "data"  # Name of the data-parallel mesh axis.
 
@@ -71,13 +71,13 @@ class Preprocess:
     cutout: int = 0
 
     def train(self, key: jax.Array, images_uint8: jax.Array) -> jax.Array:
-        images = input_pipeline.augment(
+        images = data.augment(
             key, images_uint8, pad=self.crop_padding, flip=self.flip, cutout=self.cutout
         )
-        return input_pipeline.normalize(images, self.mean, self.std, self.dtype)
+        return data.normalize(images, self.mean, self.std, self.dtype)
 
     def eval(self, images_uint8: jax.Array) -> jax.Array:
-        return input_pipeline.normalize(images_uint8, self.mean, self.std, self.dtype)
+        return data.normalize(images_uint8, self.mean, self.std, self.dtype)
 
 
 def make_train_step(

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from experiments import (
     checkpoints,
-    input_pipeline,
+    data,
     metrics_log,
     models,
     optimizers,
@@ -93,7 +93,7 @@ class Experiment:
 
     def epoch_indices(self, epoch: int) -> jax.Array:
         """The epoch's batch indices on the devices: a function of (seed, epoch) only."""
-        indices = input_pipeline.train_batch_indices(
+        indices = data.train_batch_indices(
             self.config.seed, epoch, self.splits["train"].size, self.config.batch_size
         )
         return put_global(indices, parallel.batch_sharded(self.mesh))
@@ -133,7 +133,7 @@ def _check_batch_size(batch_size: int, num_devices: int, num_train: int) -> None
 
 
 def _device_splits(
-    dataset: input_pipeline.Dataset, mesh: Mesh, eval_batch_size: int
+    dataset: data.Dataset, mesh: Mesh, eval_batch_size: int
 ) -> dict[str, DeviceSplit]:
     """Every split replicated on the devices; val and test with their evaluation batches."""
     num_devices = mesh.devices.size
@@ -162,7 +162,7 @@ def _device_splits(
 
 def create_experiment(
     config: TrainConfig,
-    dataset: input_pipeline.Dataset,
+    dataset: data.Dataset,
     mesh: Mesh | None = None,
 ) -> Experiment:
     """Builds model, optimizer, replicated initial state and the data-parallel steps.
@@ -240,7 +240,7 @@ def create_experiment(
 
 
 def _preprocess(
-    config: TrainConfig, dataset: input_pipeline.Dataset, dtype: Any
+    config: TrainConfig, dataset: data.Dataset, dtype: Any
 ) -> steps.Preprocess:
     return steps.Preprocess(
         mean=tuple(float(m) for m in dataset.mean),
@@ -256,7 +256,7 @@ def _initial_state(
     model: Any,
     tx: optax.GradientTransformationExtraArgs,
     seed: int,
-    dataset: input_pipeline.Dataset,
+    dataset: data.Dataset,
     mesh: Mesh,
 ) -> TrainState:
     """The state at step 0, replicated over `mesh`."""
@@ -297,7 +297,7 @@ def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
+def load_dataset(config: TrainConfig) -> data.Dataset:
     """The data set of `config`; data that cannot be used is a ConfigError (a message)."""
     try:
         return _load_dataset(config)
@@ -305,8 +305,8 @@ def load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
         raise config_lib.ConfigError(str(e)) from None
 
 
-def _load_dataset(config: TrainConfig) -> input_pipeline.Dataset:
-    return input_pipeline.load_dataset(
+def _load_dataset(config: TrainConfig) -> data.Dataset:
+    return data.load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         validation_size=config.validation_size,
@@ -406,7 +406,7 @@ def _evaluation_row(experiment: Experiment, state: TrainState) -> dict[str, floa
 
 
 def train_and_evaluate(
-    config: TrainConfig, dataset: input_pipeline.Dataset | None = None
+    config: TrainConfig, dataset: data.Dataset | None = None
 ) -> dict[str, Any]:
     """Trains (or resumes) the run described by `config`; returns its summary.
 
@@ -439,7 +439,7 @@ def train_and_evaluate(
 
 def train_unless_finished(
     config: TrainConfig,
-    dataset: input_pipeline.Dataset | None = None,
+    dataset: data.Dataset | None = None,
     train_fn: Callable[..., dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Trains `config` (resolved) unless its output directory holds it finished; returns the

@@ -337,6 +337,13 @@ class Ascent:
     warn_inside_multi_steps: bool = False
     check_input_gradient: bool = False
 
+    @classmethod
+    def from_arguments(cls, call: str, arguments: dict[str, Any], **overrides: Any) -> Ascent:
+        """The Ascent of a factory from its arguments (its ``locals()``): the fields it names."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"call"}
+        chosen = {name: value for name, value in arguments.items() if name in fields}
+        return cls(call=call, **{**chosen, **overrides})
+
     def __post_init__(self) -> None:
         check_args(
             rho=self.rho, eta=self.eta, ascent_norm=self.ascent_norm, ascent_steps=self.ascent_steps

@@ -89,19 +89,7 @@ def friendly_sam(
       Li et al., `Friendly Sharpness-Aware Minimization <https://arxiv.org/abs/2403.12350>`_,
       CVPR 2024 (official code: nblt/F-SAM).
     """
-    ascent = _ascent.Ascent(
-        call="friendly_sam",
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        stable=stable,
-        stable_max_scale=stable_max_scale,
-        stable_norm=stable_norm,
-        axis_name=axis_name,
-        sync_ascent=sync_ascent,
-        perturb_mask=perturb_mask,
-        check_input_gradient=check_input_gradient,
-    )
+    ascent = _ascent.Ascent.from_arguments("friendly_sam", locals())
     hint = "E.g. friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)."
     _ascent.check_real("sigma", sigma, low=0.0, high=None, hint=hint)
     _ascent.check_real("lmbda", lmbda, low=0.0, high=1.0, hint=hint)

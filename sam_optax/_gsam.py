@@ -94,19 +94,7 @@ def gsam(
       <https://arxiv.org/abs/2203.08065>`_, ICLR 2022 (official code: google-research/big_vision,
       ``big_vision/trainers/proj/gsam/gsam.py``).
     """
-    ascent = _ascent.Ascent(
-        call="gsam",
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        stable=stable,
-        stable_max_scale=stable_max_scale,
-        stable_norm=stable_norm,
-        axis_name=axis_name,
-        sync_ascent=sync_ascent,
-        perturb_mask=perturb_mask,
-        check_input_gradient=check_input_gradient,
-    )
+    ascent = _ascent.Ascent.from_arguments("gsam", locals())
     _ascent.check_real("alpha", alpha, low=0.0, high=None, hint="E.g. gsam(rho=0.05, alpha=0.1).")
 
     def init_fn(params: optax.Params) -> GSAMState:

@@ -124,19 +124,7 @@ def looksam(
       Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
       <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
     """
-    ascent = _ascent.Ascent(
-        call="looksam",
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        stable=stable,
-        stable_max_scale=stable_max_scale,
-        stable_norm=stable_norm,
-        axis_name=axis_name,
-        sync_ascent=sync_ascent,
-        perturb_mask=perturb_mask,
-        check_input_gradient=check_input_gradient,
-    )
+    ascent = _ascent.Ascent.from_arguments("looksam", locals())
     _check_k(k)
     _ascent.check_real(
         "alpha", alpha, low=0.0, high=None, hint="E.g. looksam(rho=0.05, k=5, alpha=0.7)."

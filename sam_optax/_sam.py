@@ -203,23 +203,7 @@ def sam(
       Zhou et al., `Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late In
       Training <https://openreview.net/forum?id=aD2uwhLbnA>`_, ICLR 2025 (rho schedules).
     """
-    ascent = _ascent.Ascent(
-        call="sam",
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        stable=stable,
-        stable_max_scale=stable_max_scale,
-        stable_norm=stable_norm,
-        axis_name=axis_name,
-        sync_ascent=sync_ascent,
-        perturb_mask=perturb_mask,
-        normalize=normalize,
-        ascent_norm=ascent_norm,
-        ascent_steps=ascent_steps,
-        warn_inside_multi_steps=True,
-        check_input_gradient=check_input_gradient,
-    )
+    ascent = _ascent.Ascent.from_arguments("sam", locals(), warn_inside_multi_steps=True)
 
     def init_fn(params: optax.Params) -> SAMState:
         del params

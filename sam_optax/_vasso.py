@@ -86,19 +86,7 @@ def vasso(
       Li and Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance Suppression
       <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023 (official code: BingcongLi/VaSSO).
     """
-    ascent = _ascent.Ascent(
-        call="vasso",
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        stable=stable,
-        stable_max_scale=stable_max_scale,
-        stable_norm=stable_norm,
-        axis_name=axis_name,
-        sync_ascent=sync_ascent,
-        perturb_mask=perturb_mask,
-        check_input_gradient=check_input_gradient,
-    )
+    ascent = _ascent.Ascent.from_arguments("vasso", locals())
     hint = "E.g. vasso(rho=0.05, theta=0.9) (theta = 1 is SAM)."
     _ascent.check_real("theta", theta, low=0.0, high=1.0, hint=hint)
     theta_value = _ascent.concrete_float(theta)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from experiments import config as config_lib
-from experiments import input_pipeline, optimizer_registry, presets
+from experiments import data, optimizer_registry, presets
 from experiments import train as train_cli
 
 
@@ -105,9 +105,9 @@ def test_cli_choices_come_from_the_registries():
         assert name in fields["optimizer"].metadata["help"]
 
 
-def test_config_data_sets_and_noise_modes_match_the_input_pipeline():
+def test_config_data_sets_and_noise_modes_match_the_data_package():
     assert set(config_lib.DATASETS) == set(config_lib.DATASET_DEFAULTS)
-    assert config_lib.LABEL_NOISE_MODES == input_pipeline.LABEL_NOISE_MODES
+    assert config_lib.LABEL_NOISE_MODES == data.LABEL_NOISE_MODES
 
 
 def test_old_optimizer_names_are_deprecated_aliases(capsys):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import input_pipeline, optimizers, run_dir, steps, trainer
+from experiments import data, optimizers, run_dir, steps, trainer
 from experiments import train as train_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -33,7 +33,7 @@ def mock_data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(mock_data_dir):
     with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
-        return input_pipeline.load_dataset("cifar10", data_dir=mock_data_dir, validation_size=8)
+        return data.load_dataset("cifar10", data_dir=mock_data_dir, validation_size=8)
 
 
 def tiny_config(**overrides) -> config_lib.TrainConfig:
@@ -142,7 +142,7 @@ def test_one_device_step_matches_unsharded_step(dataset):
             axis_name=None,
         )
     )
-    indices = input_pipeline.train_batch_indices(0, 0, len(dataset.train_labels), 16)[0]
+    indices = data.train_batch_indices(0, 0, len(dataset.train_labels), 16)[0]
     key = jax.random.fold_in(steps.step_key(config.seed, 0), 0)
     state = jax.device_get(experiment.state)
     want, want_metrics = reference_step(
@@ -162,7 +162,7 @@ def test_one_device_step_matches_unsharded_step(dataset):
     )
     _, first_pass = experiment.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
-        input_pipeline.normalize(dataset.train_images[indices], dataset.mean, dataset.std),
+        data.normalize(dataset.train_images[indices], dataset.mean, dataset.std),
         train=True,
         mutable=["batch_stats"],
     )
@@ -224,7 +224,7 @@ def test_evaluation_counts_every_example_exactly_once(dataset):
     state = jax.device_get(experiment.state)
     logits = experiment.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
-        input_pipeline.normalize(dataset.test_images, dataset.mean, dataset.std),
+        data.normalize(dataset.test_images, dataset.mean, dataset.std),
         train=False,
     )
     labels = dataset.test_labels

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, models, reporting, runtime, steps, trainer
+from experiments import data, models, reporting, runtime, steps, trainer
 
 # Where a script writes by default (git-ignored). The measurements the READMEs cite are kept in
 # experiments/benchmarks/results/, refreshed with --out-dir experiments/benchmarks/results.
@@ -468,12 +468,12 @@ def synthetic_dataset(
     image_shape: Sequence[int] = CIFAR_SHAPE,
     num_classes: int = 10,
     seed: int = 0,
-) -> input_pipeline.Dataset:
+) -> data.Dataset:
     """A CIFAR-shaped uint8 data set of random pixels, for the real training loop."""
     train_images, train_labels = synthetic_batch(num_train, image_shape, num_classes, seed)
     test_images, test_labels = synthetic_batch(num_test, image_shape, num_classes, seed + 1)
     empty_images = np.zeros((0, *image_shape), np.uint8)
-    return input_pipeline.Dataset(
+    return data.Dataset(
         name="cifar10",
         train_images=train_images,
         train_labels=train_labels,

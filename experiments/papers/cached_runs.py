@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from experiments import checkpoints, input_pipeline, metrics_log, run_dir, trainer
+from experiments import checkpoints, data, metrics_log, run_dir, trainer
 from experiments.config import TrainConfig
 from experiments.steps import TrainState
 
@@ -36,7 +36,7 @@ def read_metrics(output_dir: str) -> list[dict[str, Any]]:
 
 
 def run_or_load(
-    config: TrainConfig, dataset: input_pipeline.Dataset | None = None
+    config: TrainConfig, dataset: data.Dataset | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Trains `config` (resolved) unless it is done already; returns (summary, per-epoch rows,
     trained).
@@ -49,7 +49,7 @@ def run_or_load(
 
 
 def final_state(
-    config: TrainConfig, dataset: input_pipeline.Dataset
+    config: TrainConfig, dataset: data.Dataset
 ) -> tuple[trainer.Experiment, TrainState]:
     """The experiment of a finished run (`config` resolved) and its state at the last checkpoint
     (final epoch)."""

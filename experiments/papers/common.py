@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import input_pipeline, optimizer_registry
+from experiments import data, optimizer_registry
 
 DATASETS = ("digits", "mnist5k")
 
@@ -77,19 +77,19 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     """Returns (x_train, y_train, x_test, y_test): flattened float32 pixels in [0, 1], centred.
 
     The images and the fixed, stratified train/test split of the training pipeline's
-    ``input_pipeline.load_dataset`` (``digits``: 1,438 / 359, ``mnist5k``: 4,000 / 1,000); both
+    ``data.load_dataset`` (``digits``: 1,438 / 359, ``mnist5k``: 4,000 / 1,000); both
     ship with their package, nothing is downloaded.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}.")
-    data = input_pipeline.load_dataset(name, validation_size=0)
+    dataset = data.load_dataset(name, validation_size=0)
 
     def features(images: np.ndarray) -> np.ndarray:
         return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
-    x_train, x_test = features(data.train_images), features(data.test_images)
+    x_train, x_test = features(dataset.train_images), features(dataset.test_images)
     mean = x_train.mean(0, keepdims=True)
-    return x_train - mean, data.train_labels, x_test - mean, data.test_labels
+    return x_train - mean, dataset.train_labels, x_test - mean, dataset.test_labels
 
 
 def teacher_dataset(

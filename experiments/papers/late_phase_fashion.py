@@ -33,8 +33,8 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import (
+    data,
     flags,
-    input_pipeline,
     optimizer_registry,
     reporting,
     runtime,
@@ -173,7 +173,7 @@ def run_configs(args: LatePhaseFashionConfig) -> list[TrainConfig]:
     ]
 
 
-def make_measure(experiment: trainer.Experiment, dataset: input_pipeline.Dataset, args):
+def make_measure(experiment: trainer.Experiment, dataset: data.Dataset, args):
     """``measure(params, batch_stats, key) -> dict``: training loss and top Hessian eigenvalue
     on the first `hessian_size` training images (the same images for every run)."""
     size = min(args.hessian_size, len(dataset.train_labels))
@@ -188,7 +188,7 @@ def make_measure(experiment: trainer.Experiment, dataset: input_pipeline.Dataset
     def measure(params, batch_stats, key):
         def batch_loss(p, batch):
             images, labels = batch
-            x = input_pipeline.normalize(images, dataset.mean, dataset.std, jnp.float32)
+            x = data.normalize(images, dataset.mean, dataset.std, jnp.float32)
             # Evaluation mode: the loss is a function of the weights alone.
             logits = model.apply({"params": p, "batch_stats": batch_stats}, x, train=False)
             return steps.cross_entropy(logits, labels, num_classes).mean()

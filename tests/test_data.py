@@ -1,6 +1,5 @@
-"""Tests of experiments/data/ (and its former module experiments/input_pipeline.py): loading
-(TFDS, the CIFAR python version, the embedded sets), splits, on-device augmentation, and the
-data order."""
+"""Tests of experiments/data/: loading (TFDS, the CIFAR python version, the embedded sets),
+splits, on-device augmentation, and the data order."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 
 from experiments import data as ip
-from experiments import input_pipeline
 from experiments.data import cifar, fashion_mnist
 
 # ----------------------------------------------------------------------------------------------
@@ -727,11 +725,6 @@ def test_load_dataset_corrupts_only_the_training_labels(tmp_path, no_debian_fold
     assert "noisy_labels=" in repr(noisy) and clean.clean_train_labels is None
     with pytest.raises(ValueError, match="label_noise"):
         load(label_noise=1.0)
-
-
-def test_input_pipeline_names_are_those_of_experiments_data():
-    for name in input_pipeline.__all__:
-        assert getattr(input_pipeline, name) is getattr(ip, name), name
 
 
 def test_each_data_set_has_one_source_with_its_class_count():
