@@ -12,7 +12,6 @@ from typing import Any
 import jax
 
 from experiments import config as config_lib
-from experiments.config import TrainConfig
 from experiments.parallel import is_main_process, sync
 from experiments.run_dir import CHECKPOINT_DIR, RunError
 from experiments.runtime import log
@@ -20,10 +19,10 @@ from experiments.steps import TrainState
 
 
 @contextlib.contextmanager
-def checkpoints(config: TrainConfig) -> Iterator[Any]:
+def checkpoints(output_dir: str, *, keep: int) -> Iterator[Any]:
     """The run's checkpoint manager, closed at the end; on error the error in flight is the
     one reported (closing waits for pending writes, which may fail too)."""
-    manager = checkpoint_manager(config)
+    manager = checkpoint_manager(output_dir, keep=keep)
     try:
         yield manager
     except BaseException:
@@ -33,8 +32,8 @@ def checkpoints(config: TrainConfig) -> Iterator[Any]:
     manager.close()
 
 
-def checkpoint_manager(config: TrainConfig):
-    """An orbax ``CheckpointManager`` in ``<output_dir>/checkpoints`` keeping the last N.
+def checkpoint_manager(output_dir: str, *, keep: int = 1):
+    """An orbax ``CheckpointManager`` in ``<output_dir>/checkpoints`` keeping the last `keep`.
 
     Checkpoints are written atomically (to a temporary directory, then renamed), so a run killed
     mid-save resumes from the previous one. The step number of a checkpoint is the epoch.
@@ -42,12 +41,12 @@ def checkpoint_manager(config: TrainConfig):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints,
+        max_to_keep=keep,
         create=True,
         # Leftovers of a save that a kill interrupted (never read as checkpoints) are removed.
         cleanup_tmp_directories=True,
     )
-    directory = os.path.abspath(os.path.join(config.output_dir, CHECKPOINT_DIR))
+    directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_DIR))
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -97,16 +96,16 @@ def restore_checkpoint(manager, epoch: int, like: TrainState) -> TrainState:
     return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_latest(manager, config: TrainConfig, like: TrainState) -> tuple[TrainState, int]:
-    """With ``--resume``, the newest intact checkpoint's state and epoch; otherwise `like`, 0.
+def restore_latest(manager, like: TrainState, *, resume: bool) -> tuple[TrainState, int]:
+    """With `resume`, the newest intact checkpoint's state and epoch; otherwise `like`, 0.
 
     A checkpoint that cannot be read (corrupt or truncated files) is skipped with a message and
     moved aside to ``checkpoints/<epoch>.corrupt`` (kept, not deleted), so that the run saves
     that epoch afresh.
     """
-    steps = sorted(manager.all_steps(), reverse=True) if config.resume else []
-    if config.resume and not steps:
-        log(f"--resume: no checkpoint in {config.output_dir}; starting from scratch.")
+    steps = sorted(manager.all_steps(), reverse=True) if resume else []
+    if resume and not steps:
+        log(f"--resume: no checkpoint in {manager.directory}; starting from scratch.")
     for step in steps:
         try:
             with quiet_absl():
@@ -118,7 +117,7 @@ def restore_latest(manager, config: TrainConfig, like: TrainState) -> tuple[Trai
             )
             _set_aside(manager, step)
             continue
-        log(f"Resumed from the checkpoint of epoch {int(step)} in {config.output_dir}.")
+        log(f"Resumed from the checkpoint of epoch {int(step)} in {manager.directory}.")
         return state, int(step)
     if steps:
         raise config_lib.ConfigError(

@@ -88,9 +88,9 @@ def divergence_message(config: TrainConfig, epoch: int, last_checkpoint: int | N
     )
 
 
-def write_summary(config: TrainConfig, summary: Mapping[str, Any]) -> None:
+def write_summary(output_dir: str, summary: Mapping[str, Any]) -> None:
     if is_main_process():
-        reporting.write_json(os.path.join(config.output_dir, SUMMARY_FILE), summary)
+        reporting.write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
 
 
 def print_summary(summary: Mapping[str, Any]) -> None:

@@ -239,9 +239,7 @@ def create_experiment(
     )
 
 
-def _preprocess(
-    config: TrainConfig, dataset: data.Dataset, dtype: Any
-) -> steps.Preprocess:
+def _preprocess(config: TrainConfig, dataset: data.Dataset, dtype: Any) -> steps.Preprocess:
     return steps.Preprocess(
         mean=tuple(float(m) for m in dataset.mean),
         std=tuple(float(s) for s in dataset.std),
@@ -405,9 +403,7 @@ def _evaluation_row(experiment: Experiment, state: TrainState) -> dict[str, floa
     return row
 
 
-def train_and_evaluate(
-    config: TrainConfig, dataset: data.Dataset | None = None
-) -> dict[str, Any]:
+def train_and_evaluate(config: TrainConfig, dataset: data.Dataset | None = None) -> dict[str, Any]:
     """Trains (or resumes) the run described by `config`; returns its summary.
 
     Resolves `config` and starts the multi-host runtime when asked (both only here). Writes
@@ -433,7 +429,7 @@ def train_and_evaluate(
             f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "
             f"{config.batch_size // experiment.num_devices} images per device per step"
         )
-        with checkpoints.checkpoints(config) as manager:
+        with checkpoints.checkpoints(config.output_dir, keep=config.keep_checkpoints) as manager:
             return _train(experiment, manager, wall_start)
 
 
@@ -469,7 +465,7 @@ def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
 def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str, Any]:
     """The epochs of a run in its opened output directory; returns its summary."""
     config = experiment.config
-    state, start_epoch = checkpoints.restore_latest(manager, config, experiment.state)
+    state, start_epoch = checkpoints.restore_latest(manager, experiment.state, resume=config.resume)
     log = metrics_log.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
@@ -521,7 +517,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
         summary["error"] = run_summary.divergence_message(
             config, diverged_epoch, manager.latest_step()
         )
-    run_summary.write_summary(config, summary)
+    run_summary.write_summary(config.output_dir, summary)
     if diverged_epoch is None:
         run_summary.print_summary(summary)
     return summary

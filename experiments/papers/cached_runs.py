@@ -54,7 +54,7 @@ def final_state(
     """The experiment of a finished run (`config` resolved) and its state at the last checkpoint
     (final epoch)."""
     experiment = trainer.create_experiment(config, dataset)
-    manager = checkpoints.checkpoint_manager(config)
+    manager = checkpoints.checkpoint_manager(config.output_dir)
     try:
         latest = manager.latest_step()
         if latest is None or int(latest) != config.epochs:

@@ -177,11 +177,11 @@ def make_measure(experiment: trainer.Experiment, dataset: data.Dataset, args):
     """``measure(params, batch_stats, key) -> dict``: training loss and top Hessian eigenvalue
     on the first `hessian_size` training images (the same images for every run)."""
     size = min(args.hessian_size, len(dataset.train_labels))
-    data = (
+    examples = (
         jnp.asarray(dataset.train_images[:size]),
         jnp.asarray(dataset.train_labels[:size].astype(np.int32)),
     )
-    chunks, rest = sharpness.chunk_dataset(data, min(args.hessian_chunk, size))
+    chunks, rest = sharpness.chunk_dataset(examples, min(args.hessian_chunk, size))
     model, num_classes = experiment.model, dataset.num_classes
 
     @jax.jit
