@@ -15,8 +15,14 @@ def _key_name(key: Any) -> Any:
     return key
 
 
-def mask_under(tree: Any, prefixes: Collection[tuple]) -> Any:
-    """`tree` with each leaf replaced by whether its path starts with one of `prefixes`."""
+def layer_mask(tree: Any, prefixes: Collection[tuple], *, model: Any, layers: tuple) -> Any:
+    """`tree` with each leaf replaced by whether its path starts with one of `prefixes`, the
+    paths of the `layers` found in `model` (none found is an error)."""
+    if not prefixes:
+        raise ValueError(
+            f"{type(model).__name__} has no layer of the types {[t.__name__ for t in layers]}; "
+            "pass layers=(MyNorm,) for a normalization layer of your own."
+        )
     prefixes = {tuple(prefix) for prefix in prefixes}
 
     def inside(path: tuple, _: Any) -> bool:

@@ -27,7 +27,7 @@ import jax
 import optax
 from flax.training import train_state
 
-from sam_optax._masks import mask_under
+from sam_optax._masks import layer_mask
 
 __all__ = ["NORMALIZATION_LAYERS", "TrainState", "grad_fn", "normalization_mask"]
 
@@ -205,9 +205,4 @@ def normalization_mask(
         variables = jax.eval_shape(lambda: module.init(keys, *init_args, **init_kwargs))
     if "params" not in variables:
         raise ValueError(f"{type(module).__name__}.init returned no 'params' collection.")
-    if not paths:
-        raise ValueError(
-            f"{type(module).__name__} has no layer of the types {[t.__name__ for t in layers]}; "
-            "pass layers=(MyNorm,) for a normalization layer of your own."
-        )
-    return mask_under(variables["params"], paths)
+    return layer_mask(variables["params"], paths, model=module, layers=layers)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sam_optax._masks import mask_under
+from sam_optax._masks import layer_mask
 
 __all__ = ["NORMALIZATION_LAYERS", "grad_fn", "normalization_mask"]
 
@@ -146,9 +146,4 @@ def normalization_mask(
       <https://arxiv.org/abs/2306.04226>`_, NeurIPS 2023.
     """
     paths = [tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, layers)]
-    if not paths:
-        raise ValueError(
-            f"{type(model).__name__} has no layer of the types {[t.__name__ for t in layers]}; "
-            "pass layers=(MyNorm,) for a normalization layer of your own."
-        )
-    return mask_under(nnx.as_pure(nnx.state(model, wrt)), paths)
+    return layer_mask(nnx.as_pure(nnx.state(model, wrt)), paths, model=model, layers=layers)

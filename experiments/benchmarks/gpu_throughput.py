@@ -32,18 +32,24 @@ from experiments.benchmarks import common
 PASSES = {"sgd": 1, "sam": 2, "stable_sam": 2}
 
 
+def _config(model_name: str, optimizer: str, batch: int, args, **fields):
+    """The benchmark's TrainConfig of one model, optimizer and batch size."""
+    return common.benchmark_config(
+        model_name,
+        optimizer,
+        batch_size=batch,
+        dtype=args.dtype,
+        model_kwargs=args.model_kwargs_dict,
+        num_devices=args.num_devices,
+        **fields,
+    )
+
+
 def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
     steps: dict[tuple[str, int], common.TrainerStep] = {}
     for batch in args.batch_sizes:
         for optimizer in args.optimizers:
-            config = common.benchmark_config(
-                model_name,
-                optimizer,
-                batch_size=batch,
-                dtype=args.dtype,
-                model_kwargs=args.model_kwargs_dict,
-                num_devices=args.num_devices,
-            )
+            config = _config(model_name, optimizer, batch, args)
             name = f"{optimizer} b{batch}"
             steps[(optimizer, batch)] = common.TrainerStep(
                 name, trainer.create_experiment(config, dataset)
@@ -84,13 +90,11 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
 def run_epoch(model_name: str, optimizer: str, batch: int, args, dataset) -> dict:
     """One epoch of the real loop (``trainer.train_and_evaluate``); its summary's timings."""
     with tempfile.TemporaryDirectory() as output_dir:
-        config = common.benchmark_config(
+        config = _config(
             model_name,
             optimizer,
-            batch_size=batch,
-            dtype=args.dtype,
-            model_kwargs=args.model_kwargs_dict,
-            num_devices=args.num_devices,
+            batch,
+            args,
             epochs=1,
             output_dir=output_dir,
             overwrite=True,
