@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import sam_optax
 from experiments import data, models, optimizer_registry, presets
 from experiments.flags import add_arguments, option, parse_command_line
 
@@ -150,6 +151,24 @@ class TrainConfig:
         0,
         "Late-phase SAM (Zhou et al.): train with SGD until this epoch, then with the chosen SAM "
         "variant (rho schedule 0 then rho; no second pass before).",
+    )
+    sam_last_fraction: float = _field(
+        0.0,
+        "Late-phase SAM by steps: SGD, then SAM on the last fraction F of the steps (0: off; "
+        "exclusive with --sam-start-epoch).",
+    )
+    sam_every: int = _field(
+        1, "Periodic SAM: the ascent on every k-th step only, the base optimizer in between."
+    )
+    sam_probability: float = _field(
+        1.0,
+        "Randomized switching (RST, Zhao et al.): the ascent on each step with probability p "
+        "(drawn from --seed and the step), the base optimizer otherwise.",
+    )
+    sam_micro_batch: int = _field(
+        0,
+        "m of m-sharpness: every m examples of a device's batch ascend from their own gradient "
+        "(sam_optax's micro_batches; 0: the device's whole batch).",
     )
     learning_rate: float | None = _field(
         None,
@@ -341,12 +360,21 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
         errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
     if config.optimizer == optimizer_registry.BASELINE:
-        if config.sam_start_epoch:
-            errors.append("--sam-start-epoch needs a SAM optimizer, e.g. --optimizer sam.")
+        for flag in _SAM_SCHEDULE_FLAGS:
+            if _sam_schedule_set(config, flag):
+                errors.append(
+                    f"--{flag.replace('_', '-')} needs a SAM optimizer, e.g. --optimizer sam."
+                )
         if config.adaptive:
             errors.append("--adaptive needs a SAM optimizer, e.g. --optimizer sam.")
     elif config.adaptive and "adaptive" not in optimizer_registry.get(config.optimizer).knobs:
         errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
+    if config.sam_micro_batch and optimizer_registry.VARIANTS.get(config.optimizer) is not None:
+        if optimizer_registry.get(config.optimizer).factory is not sam_optax.sam:
+            errors.append(
+                f"--sam-micro-batch needs a variant of sam_optax.sam (e.g. --optimizer sam), not "
+                f"--optimizer {config.optimizer}."
+            )
     if config.ascent_steps < 1:
         errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
     if config.looksam_k < 1:
@@ -367,6 +395,21 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     return errors
 
 
+# The flags that choose the steps (or examples) of the ascent; each needs a SAM optimizer.
+_SAM_SCHEDULE_FLAGS = (
+    "sam_start_epoch",
+    "sam_last_fraction",
+    "sam_every",
+    "sam_probability",
+    "sam_micro_batch",
+)
+_SAM_SCHEDULE_OFF = dict(sam_every=1, sam_probability=1.0)
+
+
+def _sam_schedule_set(config: TrainConfig, name: str) -> bool:
+    return getattr(config, name) != _SAM_SCHEDULE_OFF.get(name, 0)
+
+
 def _schedule_errors(config: TrainConfig) -> list[str]:
     errors = []
     if config.epochs < 1:
@@ -378,6 +421,20 @@ def _schedule_errors(config: TrainConfig) -> list[str]:
             f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
             f"got {config.sam_start_epoch}."
         )
+    if not 0 <= config.sam_last_fraction <= 1:
+        errors.append(
+            f"--sam-last-fraction must lie in [0, 1] (e.g. 0.25), got {config.sam_last_fraction}."
+        )
+    elif config.sam_last_fraction and config.sam_start_epoch:
+        errors.append("--sam-last-fraction and --sam-start-epoch exclude each other: pick one.")
+    if config.sam_every < 1:
+        errors.append(f"--sam-every must be >= 1 (1: every step), got {config.sam_every}.")
+    if not 0 < config.sam_probability <= 1:
+        errors.append(
+            f"--sam-probability must lie in (0, 1] (1: every step), got {config.sam_probability}."
+        )
+    if config.sam_micro_batch < 0:
+        errors.append(f"--sam-micro-batch must be >= 0 (0: off), got {config.sam_micro_batch}.")
     if config.eval_every < 1 or config.checkpoint_every < 1 or config.log_every_steps < 1:
         errors.append("--eval-every, --checkpoint-every and --log-every-steps must be >= 1.")
     try:

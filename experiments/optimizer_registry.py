@@ -33,6 +33,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import optax
 
 import sam_optax
@@ -69,6 +70,15 @@ class Variant:
     # Among the variants the StableSAM protocol's sweep compares by default (the others are
     # there to pick with --optimizers).
     in_protocol: bool = True
+    # The grad_fn evaluations of a run beyond the first gradient of each step, from whether each
+    # step ascends (rho > 0), the factory's options and the variant's final state (see
+    # :func:`every_ascending_step`).
+    second_passes: Callable[[np.ndarray, Mapping[str, Any], Any], int] = dataclasses.field(
+        default_factory=lambda: every_ascending_step
+    )
+    # Whether each step evaluates the gradient at the weights themselves (one pass) before the
+    # ascent.
+    first_pass: bool = True
 
     def options(self, config: Any) -> dict[str, Any]:
         """The factory's keyword arguments taken from a ``TrainConfig``."""
@@ -77,6 +87,30 @@ class Variant:
     def build(self, rho: Any, **options: Any) -> optax.GradientTransformationExtraArgs:
         """The transformation at radius (or rho schedule) `rho`; `options` override knobs."""
         return self.factory(rho, **{**self.knobs, **options})
+
+
+def every_ascending_step(ascends: np.ndarray, options: Mapping[str, Any], state: Any) -> int:
+    """One grad_fn evaluation per ascent step (``ascent_steps``) of every ascending step."""
+    del state
+    return int(np.count_nonzero(ascends)) * (options.get("ascent_steps") or 1)
+
+
+def every_kth_ascending_step(ascends: np.ndarray, options: Mapping[str, Any], state: Any) -> int:
+    """LookSAM: one evaluation on the ascending steps t with t % k == 0."""
+    del state
+    steps = np.arange(len(ascends))
+    return int(np.count_nonzero(ascends & (steps % options["k"] == 0)))
+
+
+def gradient_evaluations(name: str, ascends: np.ndarray, config: Any, state: Any) -> int:
+    """The grad_fn evaluations of a run of optimizer `name` (each of a full batch): the first
+    gradient of every step and the variant's second passes. `ascends` holds, per step, whether
+    rho > 0; `state` is the variant's final state (the first of the optimizer's chain)."""
+    if name == BASELINE:
+        return len(ascends)
+    variant = get(name)
+    first = len(ascends) if variant.first_pass else 0
+    return first + variant.second_passes(ascends, variant.options(config), state)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -227,6 +261,7 @@ _register_with_stable_form(Variant(
     "--looksam-alpha)",
     default_rho=0.05, factory=sam_optax.looksam, in_protocol=False,
     config_fields={**_ETA, "k": "looksam_k", "alpha": "looksam_alpha"},
+    second_passes=every_kth_ascending_step,
 ), stable_color="#7f7f7f")  # fmt: skip
 _register_with_stable_form(Variant(
     name="friendly_sam", label="Friendly SAM", color="C8", paper=_LI_FSAM,

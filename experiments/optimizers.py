@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+import sam_optax
 from experiments import config as config_lib
 from experiments import optimizer_registry
 from experiments.config import TrainConfig
@@ -37,13 +39,42 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
     return main
 
 
+def sam_start_step(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The first step of late-phase SAM (0 without ``sam_start_epoch``/``sam_last_fraction``)."""
+    total = config.epochs * steps_per_epoch
+    if config.sam_last_fraction:
+        return total - int(round(config.sam_last_fraction * total))
+    return config.sam_start_epoch * steps_per_epoch
+
+
 def rho_schedule(config: TrainConfig, steps_per_epoch: int) -> float | optax.Schedule:
-    """rho, or with ``sam_start_epoch`` the schedule 0 (SGD, one pass) then rho (SAM)."""
-    if not config.sam_start_epoch:
-        return float(config.rho)
-    start_step = config.sam_start_epoch * steps_per_epoch
+    """rho, or the schedule that is rho on the steps that ascend and 0 on the others.
+
+    The steps that ascend: from :func:`sam_start_step` on (late-phase SAM), every
+    ``sam_every``-th of those (:func:`sam_optax.periodic_rho_schedule`) and each with probability
+    ``sam_probability`` (:func:`sam_optax.randomized_rho_schedule`, seeded by the run's seed).
+    """
     rho = float(config.rho)
-    return lambda count: jnp.where(count >= start_step, rho, 0.0).astype(jnp.float32)
+    start = sam_start_step(config, steps_per_epoch)
+    if not start and config.sam_every == 1 and config.sam_probability == 1:
+        return rho
+    schedule: optax.Schedule = lambda count: jnp.where(count >= start, rho, 0.0)  # noqa: E731
+    if config.sam_every > 1:
+        schedule = sam_optax.periodic_rho_schedule(schedule, config.sam_every, offset=start)
+    if config.sam_probability < 1:
+        schedule = sam_optax.randomized_rho_schedule(
+            schedule, config.sam_probability, seed=config.seed
+        )
+    return lambda count: jnp.asarray(schedule(count), jnp.float32)
+
+
+def ascending_steps(config: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """Whether each step of the run ascends (rho > 0), known ahead of the run."""
+    rho = rho_schedule(config, steps_per_epoch) if uses_sam(config) else 0.0
+    total = config.epochs * steps_per_epoch
+    if not callable(rho):
+        return np.full(total, rho > 0)
+    return np.asarray(jax.jit(jax.vmap(rho))(jnp.arange(total, dtype=jnp.int32))) > 0
 
 
 def uses_sam(config: TrainConfig) -> bool:

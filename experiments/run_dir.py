@@ -12,6 +12,7 @@ contents live in :mod:`experiments.metrics_log`, :mod:`experiments.checkpoints` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -102,13 +103,22 @@ def read_saved_config(output_dir: str) -> dict[str, Any] | None:
     return saved
 
 
+def _field_defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` field's default, as config.json would hold it."""
+    fields = dataclasses.fields(config_lib.TrainConfig)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    return json.loads(json.dumps(defaults))
+
+
 def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
     """The fields that change the numbers where `saved` (a config.json) and `config` differ.
 
     Through JSON, so that tuples and lists compare as config.json has them; keys of `saved`
-    that are not fields (e.g. the device count) do not count.
+    that are not fields (e.g. the device count) do not count, and a field that `saved` lacks
+    (a run made before the field existed) counts as its default, the behaviour it had then.
     """
     current = json.loads(json.dumps(config.to_dict()))
+    saved = {**_field_defaults(), **saved}
     if "optimizer" in saved:  # a run saved under an old spelling is the same optimizer
         saved = {
             **saved,

@@ -22,13 +22,16 @@ def summarize(
     num_params: int,
     num_devices: int,
     wall_time: float,
+    gradient_evaluations: int | None = None,
     noisy_labels: int = 0,
     diverged_epoch: int | None = None,
 ) -> dict[str, Any]:
     """The run's summary from its per-epoch rows (which span resumed runs too).
 
     A run that diverged at `diverged_epoch` is not completed; its rows end before that epoch.
+    `gradient_evaluations`: the run's full-batch gradient evaluations (SGD: one per step).
     """
+    num_steps = config.epochs * steps_per_epoch
     val_rows = [r for r in rows if "val_accuracy" in r]
     test_rows = [r for r in rows if "test_accuracy" in r]
     best = max(val_rows, key=lambda r: r["val_accuracy"]) if val_rows else None
@@ -52,7 +55,12 @@ def summarize(
         "label_noise_mode": config.label_noise_mode,
         "noisy_labels": noisy_labels,
         "epochs": config.epochs,
-        "steps": config.epochs * steps_per_epoch,
+        "steps": num_steps,
+        "gradient_evaluations": gradient_evaluations,
+        # The cost counted in passes: 1 for SGD, 2 for SAM on every step.
+        "gradient_evaluations_vs_sgd": (
+            gradient_evaluations / num_steps if gradient_evaluations is not None else None
+        ),
         "num_params": num_params,
         "num_devices": num_devices,
         "best_val_accuracy": best["val_accuracy"] if best else None,

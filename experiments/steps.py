@@ -88,6 +88,7 @@ def make_train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     axis_name: str | None,
+    micro_batch: int = 0,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """One device's training step: ``step(state, images_uint8, labels, key) -> (state, metrics)``.
 
@@ -102,6 +103,10 @@ def make_train_step(
 
     `key` drives augmentation and stochastic layers (e.g. ShakeDrop); the perturbed pass sees the
     same augmented batch and the same stochastic masks as the first.
+
+    `micro_batch` = m > 0 (m-sharpness): every m examples of the device's batch ascend from their
+    own gradient (``tx.update(None, ..., micro_batches=...)`` of :func:`sam_optax.sam`); the
+    loss, accuracy and BatchNorm statistics then come from a forward pass over the whole batch.
     """
 
     def loss_fn(params, batch_stats, images, labels, rngs):
@@ -127,18 +132,40 @@ def make_train_step(
             # Inside shard_map, jax.grad of replicated params would sum over devices.
             return params if axis_name is None else sam_optax.per_device(params, axis_name)
 
-        (loss, (logits, batch_stats)), grads = grad_of_loss(
-            local(state.params), state.batch_stats, images, labels, rngs
-        )
-
-        def grad_fn(params):
-            # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
-            grads, _ = jax.grad(loss_fn, has_aux=True)(
-                local(params), state.batch_stats, images, labels, rngs
+        if micro_batch:
+            loss, (logits, batch_stats) = loss_fn(
+                state.params, state.batch_stats, images, labels, rngs
             )
-            return grads
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+            def micro_batch_grad_fn(params, batch):
+                grads, _ = jax.grad(loss_fn, has_aux=True)(
+                    local(params), state.batch_stats, *batch, rngs
+                )
+                return grads
+
+            batches = jax.tree.map(
+                lambda x: x.reshape(-1, micro_batch, *x.shape[1:]), (images, labels)
+            )
+            updates, opt_state = tx.update(
+                None,
+                state.opt_state,
+                state.params,
+                grad_fn=micro_batch_grad_fn,
+                micro_batches=batches,
+            )
+        else:
+            (loss, (logits, batch_stats)), grads = grad_of_loss(
+                local(state.params), state.batch_stats, images, labels, rngs
+            )
+
+            def grad_fn(params):
+                # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
+                grads, _ = jax.grad(loss_fn, has_aux=True)(
+                    local(params), state.batch_stats, images, labels, rngs
+                )
+                return grads
+
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
         params = optax.apply_updates(state.params, updates)
 
         accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))

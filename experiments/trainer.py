@@ -31,6 +31,7 @@ from experiments import (
     data,
     metrics_log,
     models,
+    optimizer_registry,
     optimizers,
     parallel,
     run_dir,
@@ -72,20 +73,20 @@ class Experiment:
     rho: float | optax.Schedule
     num_params: int
     noisy_labels: int = 0  # training labels that label noise changed
-    # The step of the epochs before --sam-start-epoch, where :func:`_separate_step_before_sam`.
-    train_step_before_sam: Callable | None = None
+    # With a rho schedule (see :func:`_switch_on_host`): whether each step ascends, and the
+    # program of the steps that do not (the main one then ascends on every step it runs).
+    ascends: np.ndarray | None = None
+    train_step_without_ascent: Callable | None = None
 
-    def phase_at(self, epoch: int) -> str:
-        """Which train step `epoch` runs: ``"before_sam"`` or ``"main"``."""
-        if self.train_step_before_sam is not None and epoch < self.config.sam_start_epoch:
-            return "before_sam"
+    def program_at(self, step: int) -> str:
+        """Which train step the global `step` runs: ``"main"`` or ``"without_ascent"``."""
+        if self.ascends is not None and not self.ascends[step]:
+            return "without_ascent"
         return "main"
 
-    def train_step_at(self, epoch: int) -> Callable:
-        """The train step of `epoch`."""
-        if self.phase_at(epoch) == "before_sam":
-            return self.train_step_before_sam
-        return self.train_step
+    def train_step_of(self, program: str) -> Callable:
+        """The train step called `program` (:meth:`program_at`)."""
+        return self.train_step if program == "main" else self.train_step_without_ascent
 
     @property
     def num_devices(self) -> int:
@@ -119,12 +120,20 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _check_batch_size(batch_size: int, num_devices: int, num_train: int) -> None:
+def _check_batch_size(
+    batch_size: int, num_devices: int, num_train: int, micro_batch: int = 0
+) -> None:
     if batch_size % num_devices:
         raise config_lib.ConfigError(
             f"--batch-size {batch_size} does not divide by the {num_devices} devices: "
             f"pass a multiple of {num_devices} (e.g. {_round_up(batch_size, num_devices)})"
             " or use fewer devices with --num-devices."
+        )
+    per_device = batch_size // num_devices
+    if micro_batch and per_device % micro_batch:
+        raise config_lib.ConfigError(
+            f"--sam-micro-batch {micro_batch} does not divide the {per_device} images per device "
+            f"(--batch-size {batch_size} on {num_devices} devices): pass a divisor of {per_device}."
         )
     if batch_size > num_train:
         raise config_lib.ConfigError(
@@ -177,7 +186,9 @@ def create_experiment(
     The step donates its `state` argument: carry on with the state it returns.
     """
     mesh = mesh if mesh is not None else parallel.create_mesh(config.num_devices)
-    _check_batch_size(config.batch_size, mesh.devices.size, len(dataset.train_labels))
+    _check_batch_size(
+        config.batch_size, mesh.devices.size, len(dataset.train_labels), config.sam_micro_batch
+    )
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
@@ -204,20 +215,26 @@ def create_experiment(
             num_classes=dataset.num_classes,
             label_smoothing=config.label_smoothing,
             axis_name=steps.AXIS,
+            micro_batch=config.sam_micro_batch,
         )
         return parallel.shard_train_step(
             step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
         )
 
-    train_step_before_sam = None
-    if _separate_step_before_sam(config):
-        tx_before_sam = optimizers.build_optimizer(
-            config.replace(sam_start_epoch=0, rho=0.0),
+    ascends, train_step_without_ascent = None, None
+    if _switch_on_host(config):
+        ascends = optimizers.ascending_steps(config, steps_per_epoch)
+        every_step = config.replace(**_ASCENT_ON_EVERY_STEP)
+        tx = optimizers.build_optimizer(
+            every_step, steps_per_epoch, axis_name=steps.AXIS, learning_rate=learning_rate
+        )
+        tx_without_ascent = optimizers.build_optimizer(
+            every_step.replace(rho=0.0),
             steps_per_epoch,
             axis_name=steps.AXIS,
             learning_rate=learning_rate,
         )
-        train_step_before_sam = sharded_train_step(tx_before_sam)
+        train_step_without_ascent = sharded_train_step(tx_without_ascent)
     eval_fn = steps.make_eval_step(
         model, preprocess, num_classes=dataset.num_classes, axis_name=steps.AXIS
     )
@@ -235,7 +252,8 @@ def create_experiment(
         rho=optimizers.rho_schedule(config, steps_per_epoch) if uses_sam else 0.0,
         num_params=models.count_params(state.params),
         noisy_labels=dataset.noisy_labels,
-        train_step_before_sam=train_step_before_sam,
+        ascends=ascends,
+        train_step_without_ascent=train_step_without_ascent,
     )
 
 
@@ -269,12 +287,21 @@ def _initial_state(
     )
 
 
-def _separate_step_before_sam(config: TrainConfig) -> bool:
-    """Whether the epochs before --sam-start-epoch run their own step, compiled with rho = 0 (the
-    base optimizer's program; same state, same numbers) rather than the SAM step whose rho
-    schedule skips the second pass behind a ``lax.cond``: XLA:CPU runs convolutions inside a
-    conditional much slower (https://github.com/jax-ml/jax/issues/12868)."""
-    return optimizers.uses_sam(config) and config.sam_start_epoch > 0
+# The schedule flags at their "ascend on every step" values.
+_ASCENT_ON_EVERY_STEP = dict(
+    sam_start_epoch=0, sam_last_fraction=0.0, sam_every=1, sam_probability=1.0
+)
+
+
+def _switch_on_host(config: TrainConfig) -> bool:
+    """Whether the host picks, step by step, between two compiled programs (the variant at
+    constant rho, and at rho = 0: same state, same numbers) rather than one program whose rho
+    schedule skips the second pass behind a ``lax.cond``: the schedule is a function of the
+    step alone, so the host knows it ahead, and XLA:CPU runs convolutions inside a conditional
+    much slower (https://github.com/jax-ml/jax/issues/12868)."""
+    return optimizers.uses_sam(config) and callable(
+        optimizers.rho_schedule(config, steps_per_epoch=1)
+    )
 
 
 def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, float]:
@@ -318,18 +345,23 @@ def _load_dataset(config: TrainConfig) -> data.Dataset:
     )
 
 
-def _compile_train_step(experiment: Experiment, state: TrainState, epoch: int):
-    """The train step of `epoch` compiled ahead of its epochs (so its time is reported apart)."""
+def _compile_programs(
+    experiment: Experiment, state: TrainState, epoch: int, compiled: dict[str, Callable]
+) -> float:
+    """Compiles into `compiled` the train steps `epoch` runs that are not there yet, ahead of the
+    epoch's steps (so that their time is reported apart); returns the seconds it took."""
+    first = epoch * experiment.steps_per_epoch
+    needed = {experiment.program_at(s) for s in range(first, first + experiment.steps_per_epoch)}
     train = experiment.splits["train"]
     t0 = time.perf_counter()
-    compiled = (
-        experiment.train_step_at(epoch)
-        .lower(state, train.images, train.labels, experiment.epoch_indices(epoch))
-        .compile()
-    )
-    seconds = time.perf_counter() - t0
-    runtime.log(f"Compiled the train step in {seconds:.1f} s.")
-    return compiled, seconds
+    for program in sorted(needed - set(compiled)):
+        compiled[program] = (
+            experiment.train_step_of(program)
+            .lower(state, train.images, train.labels, experiment.epoch_indices(epoch))
+            .compile()
+        )
+        runtime.log(f"Compiled the train step ({program.replace('_', ' ')}).")
+    return time.perf_counter() - t0
 
 
 # Gathers an epoch's per-step metrics into one array each on the devices, so that the host
@@ -339,9 +371,12 @@ _stack_metrics = jax.jit(lambda metrics: jax.tree.map(lambda *m: jnp.stack(m), *
 
 
 def train_epoch(
-    experiment: Experiment, step_fn: Callable, state: TrainState, epoch: int
+    experiment: Experiment, programs: dict[str, Callable], state: TrainState, epoch: int
 ) -> tuple[TrainState, dict[str, Any], float]:
-    """One epoch of steps under a progress bar; the state, the metrics row and the seconds."""
+    """One epoch of steps under a progress bar; the state, the metrics row and the seconds.
+
+    `programs` holds the compiled train step of every :meth:`Experiment.program_at` of the epoch.
+    """
     from tqdm.auto import tqdm
 
     config, num_steps = experiment.config, experiment.steps_per_epoch
@@ -359,7 +394,9 @@ def train_epoch(
     serialize = parallel.needs_step_sync(
         jax.default_backend(), jax.process_count(), experiment.num_devices
     )
+    first_step = epoch * num_steps
     for i in range(num_steps):
+        step_fn = programs[experiment.program_at(first_step + i)]
         state, metrics = step_fn(state, train.images, train.labels, epoch_indices)
         if serialize:
             jax.block_until_ready(metrics)
@@ -381,7 +418,6 @@ def train_epoch(
     seconds = time.perf_counter() - t0
     bar.close()
     fetched = jax.device_get(_stack_metrics(step_metrics))
-    first_step = epoch * num_steps
     row = {
         "epoch": epoch + 1,
         "step": (epoch + 1) * num_steps,
@@ -453,6 +489,18 @@ def train_unless_finished(
     return dict(train_fn(run) if dataset is None else train_fn(run, dataset)), True
 
 
+def count_gradient_evaluations(experiment: Experiment, state: TrainState) -> int:
+    """The full-batch gradient evaluations of the whole run that ended in `state`, exact: from
+    the steps that ascend (the rho schedule) and the variant's final state (for variants whose
+    ascent depends on the data)."""
+    config = experiment.config
+    ascends = optimizers.ascending_steps(config, experiment.steps_per_epoch)
+    variant_state = state.opt_state[0] if optimizers.uses_sam(config) else None
+    return optimizer_registry.gradient_evaluations(
+        config.optimizer, ascends, config, jax.device_get(variant_state)
+    )
+
+
 def _is_finite(row: dict[str, Any], state: TrainState) -> bool:
     """Whether an epoch kept every loss and parameter finite. The row's loss is the mean of the
     steps' losses, so it is finite only if each of them was; the parameters and BatchNorm
@@ -469,7 +517,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     log = metrics_log.MetricsLog(
         config.output_dir, keep_until_epoch=start_epoch, enabled=parallel.is_main_process()
     )
-    compiled: dict[str, Callable] = {}  # Experiment.phase_at(epoch) -> its compiled program
+    compiled: dict[str, Callable] = {}  # Experiment.program_at(step) -> its compiled program
     stop_epoch = config.epochs
     if config.stop_after_epoch and config.stop_after_epoch < config.epochs:
         stop_epoch = max(config.stop_after_epoch, start_epoch)
@@ -477,10 +525,8 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
     diverged_epoch = None
     try:
         for epoch in range(start_epoch, stop_epoch):
-            key, compile_time = experiment.phase_at(epoch), 0.0
-            if key not in compiled:  # the first epoch, and the epoch SAM starts at
-                compiled[key], compile_time = _compile_train_step(experiment, state, epoch)
-            state, row, seconds = train_epoch(experiment, compiled[key], state, epoch)
+            compile_time = _compile_programs(experiment, state, epoch, compiled)
+            state, row, seconds = train_epoch(experiment, compiled, state, epoch)
             if not _is_finite(row, state):
                 diverged_epoch = epoch + 1  # neither logged nor checkpointed
                 break
@@ -511,6 +557,9 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
         num_devices=experiment.num_devices,
         noisy_labels=experiment.noisy_labels,
         wall_time=time.perf_counter() - wall_start,
+        gradient_evaluations=None
+        if diverged_epoch
+        else count_gradient_evaluations(experiment, state),
         diverged_epoch=diverged_epoch,
     )
     if diverged_epoch is not None:

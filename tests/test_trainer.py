@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import data, optimizers, run_dir, steps, trainer
+from experiments import data, optimizers, parallel, run_dir, steps, trainer
 from experiments import train as train_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -60,7 +60,8 @@ def run_steps(experiment: trainer.Experiment, num_steps: int):
     metrics = None
     for step in range(num_steps):
         indices = experiment.epoch_indices(step // experiment.steps_per_epoch)
-        state, metrics = experiment.train_step(state, split.images, split.labels, indices)
+        program = experiment.train_step_of(experiment.program_at(step))
+        state, metrics = program(state, split.images, split.labels, indices)
     return state, jax.device_get(metrics)
 
 
@@ -198,21 +199,60 @@ def test_late_phase_sam_is_exactly_sgd_before_its_start(dataset):
     )
 
 
-def test_late_phase_runs_the_base_optimizers_program_before_sam(dataset):
-    late = trainer.create_experiment(
-        tiny_config(optimizer="stable_sam", sam_start_epoch=1, num_devices=8), dataset
+def scheduled_train_step(experiment: trainer.Experiment, dataset: data.Dataset):
+    """The one program of `experiment`'s rho schedule, its skipped passes behind a lax.cond."""
+    config = experiment.config
+    tx = optimizers.build_optimizer(config, experiment.steps_per_epoch, axis_name=steps.AXIS)
+    step_fn = steps.make_train_step(
+        experiment.model,
+        tx,
+        trainer._preprocess(config, dataset, jnp.float32),
+        num_classes=10,
+        axis_name=steps.AXIS,
     )
-    assert late.train_step_at(0) is late.train_step_before_sam
-    assert late.train_step_at(1) is late.train_step
-    split, indices = late.splits["train"], late.epoch_indices(0)
-    # The program before SAM has no conditional (and so no second pass in it).
-    args = (late.state, split.images, split.labels, indices)
-    assert "stablehlo.case" in late.train_step.lower(*args).as_text()
-    assert "stablehlo.case" not in late.train_step_before_sam.lower(*args).as_text()
-    copy = jax.tree.map(jnp.copy, late.state)  # the steps donate their state
-    before, _ = late.train_step_before_sam(late.state, split.images, split.labels, indices)
-    scheduled, _ = late.train_step(copy, split.images, split.labels, indices)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(before), jax.device_get(scheduled))
+    return parallel.shard_train_step(
+        step_fn, experiment.mesh, seed=config.seed, steps_per_epoch=experiment.steps_per_epoch
+    )
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(sam_start_epoch=1),
+        dict(sam_every=3),
+        dict(sam_probability=0.5),
+        dict(sam_last_fraction=0.3),
+    ],
+)
+def test_rho_schedules_switch_between_two_programs_on_the_host(dataset, schedule):
+    config = tiny_config(optimizer="stable_sam", num_devices=8, epochs=2, **schedule)
+    switched = trainer.create_experiment(config_lib.resolve(config), dataset)
+    num_steps = 2 * switched.steps_per_epoch
+    expected = optimizers.ascending_steps(switched.config, switched.steps_per_epoch)
+    assert [switched.program_at(s) == "main" for s in range(num_steps)] == list(expected)
+    assert 0 < expected.sum() < num_steps
+    # Neither program has a conditional: the host decided.
+    split, indices = switched.splits["train"], switched.epoch_indices(0)
+    args = (switched.state, split.images, split.labels, indices)
+    for program in ("main", "without_ascent"):
+        assert "stablehlo.case" not in switched.train_step_of(program).lower(*args).as_text()
+    # Same numbers as the one program whose schedule decides inside the step.
+    scheduled = scheduled_train_step(switched, dataset)
+    assert "stablehlo.case" in scheduled.lower(*args).as_text()
+    state = jax.tree.map(jnp.copy, switched.state)  # the steps donate their state
+    for step in range(num_steps):
+        state, _ = scheduled(
+            state,
+            split.images,
+            split.labels,
+            switched.epoch_indices(step // switched.steps_per_epoch),
+        )
+    got, _ = run_steps(switched, num_steps)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        jax.device_get(got.params),
+        jax.device_get(state.params),
+    )
 
 
 def test_evaluation_counts_every_example_exactly_once(dataset):

@@ -122,7 +122,7 @@ def runners(experiment: trainer.Experiment, compiled: Callable) -> list[EpochRun
 
     def harness(exp: trainer.Experiment) -> Callable[[Any, int], Any]:
         def run(state, epoch):
-            state, _, _ = trainer.train_epoch(exp, compiled, state, epoch)
+            state, _, _ = trainer.train_epoch(exp, {"main": compiled}, state, epoch)
             return state
 
         return run

@@ -64,7 +64,7 @@ DEFAULT_PRESET = "fashion-cpu"
 # epoch would cost more than training an MLP).
 RUN_DEFAULTS: dict[str, Any] = dict(crop_padding=0, progress=False, keep_checkpoints=1)
 # Training flags that the protocol sets itself, per run.
-_PROTOCOL_FIELDS = (
+PROTOCOL_FIELDS = (
     "optimizer",
     "rho",
     "seed",
@@ -136,14 +136,23 @@ class LabelNoiseConfig:
     command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
 
 
-def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+def protocol_parser(
+    name: str,
+    doc: str,
+    protocol: type,
+    *,
+    exclude: Sequence[str] = PROTOCOL_FIELDS,
+    suppress_defaults: bool = False,
+) -> argparse.ArgumentParser:
+    """The command line of a protocol on this preset's runs: the training flags (less those in
+    `exclude`) and the `protocol` dataclass's own."""
     return config_lib.build_parser(
-        prog=f"python -m experiments.papers.{NAME}",
-        description=__doc__.split("\n\n")[0],
-        protocol=LabelNoiseConfig,
-        protocol_title=NAME,
+        prog=f"python -m experiments.papers.{name}",
+        description=doc.split("\n\n")[0],
+        protocol=protocol,
+        protocol_title=name,
         defaults={**RUN_DEFAULTS, **PRESETS[DEFAULT_PRESET]},
-        exclude=_PROTOCOL_FIELDS,
+        exclude=exclude,
         aliases={"label_noise_mode": ("--noise-mode",)},
         preset_names=tuple(PRESETS),
         default_preset=DEFAULT_PRESET,
@@ -151,14 +160,24 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
 
 
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    return protocol_parser(NAME, __doc__, LabelNoiseConfig, suppress_defaults=suppress_defaults)
+
+
+def check_noise_rates(rates: Sequence[float], seeds: int, parser_fn) -> tuple[float, ...]:
+    """The distinct noise rates, after checking them and the seed count (exit 2 otherwise)."""
+    noise_rates = tuple(dict.fromkeys(float(r) for r in rates))
+    if any(not 0 <= r < 1 for r in noise_rates):
+        parser_fn().error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
+    if seeds < 1:
+        parser_fn().error("--seeds must be >= 1")
+    return noise_rates
+
+
 def parse_args(argv: Sequence[str] | None = None) -> LabelNoiseConfig:
     values = flags.parse_command_line(argv, build_parser, PRESETS.__getitem__)
     own, training = flags.split_fields(values, LabelNoiseConfig)
-    noise_rates = tuple(dict.fromkeys(float(r) for r in own["noise_rates"]))
-    if any(not 0 <= r < 1 for r in noise_rates):
-        build_parser().error(f"--noise-rates must lie in [0, 1), got {noise_rates}")
-    if own["seeds"] < 1:
-        build_parser().error("--seeds must be >= 1")
+    noise_rates = check_noise_rates(own["noise_rates"], own["seeds"], build_parser)
     # SGD first: every difference is taken to it.
     optimizers = (
         optimizer_registry.BASELINE,
@@ -391,7 +410,7 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
     for ax in axes:
         ax.set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds", fontsize=8)
     axes[0].legend(fontsize=8, loc="upper left", ncol=num)
-    fig.suptitle(_title(args), fontsize=9)
+    fig.suptitle(title(args.base), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=80)
     plt.close(fig)
@@ -424,14 +443,14 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
         ax.set_ylabel(f"test accuracy (%), mean over {args.seeds} seeds")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(_title(args), fontsize=9)
+    fig.suptitle(title(args.base), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)
 
 
-def _title(args: LabelNoiseConfig) -> str:
-    base = args.base
+def title(base: TrainConfig) -> str:
+    """The protocol in one line, for figures and reports."""
     return (
         f"{base.dataset}, {base.model} {base.model_kwargs}, {base.train_size or 'all'} training "
         f"images, {base.epochs} epochs, batch {base.batch_size}, lr {base.learning_rate:g} "
@@ -497,7 +516,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Protocol: {_title(args)}; {args.base.validation_size} validation images held out "
+        f"Protocol: {title(args.base)}; {args.base.validation_size} validation images held out "
         f"(clean labels); noise rates {list(args.noise_rates)} ({args.base.label_noise_mode}); "
         f"{args.seeds} seeds; rho: each variant's registry default"
         + (f", overridden: {dict(args.rho)}" if args.rho else "")

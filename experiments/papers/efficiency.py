@@ -1,0 +1,486 @@
+r"""SAM's gain at SGD's cost: the efficient-SAM methods on one model and data, cost counted.
+
+Every method trains through the harness (:func:`experiments.trainer.train_and_evaluate`) in the
+label-noise table's regime (:mod:`experiments.papers.label_noise`: Fashion-MNIST, a
+784-512-512-10 MLP on 5,000 training images, 25 cosine epochs, batch 128, lr 0.1, weight decay
+5e-4), on clean labels and with 40 % symmetric noise, several seeds each. A method is a
+``TrainConfig``: an optimizer of the registry plus the flags that choose its steps (late-phase
+SAM, SAM every k steps, randomized switching) or its examples (m-sharpness).
+
+Each run's cost is counted, not estimated: ``summary.json`` holds its full-batch gradient
+evaluations (SGD: one per step, SAM: two; exact, from the steps that ascend and, for AE-SAM,
+the count in its state) and its training time. The table gives test accuracy (final and at the
+best validation epoch) with the difference to SGD and the **share of full SAM's gain** each
+method keeps; the figures draw accuracy against gradient evaluations and against training time
+relative to SGD, with the Pareto front. The target: 90 % of SAM's gain at no more than 1.2x
+SGD's gradient evaluations.
+
+Run: ``python -m experiments.papers.efficiency`` (files in runs/papers/efficiency/; each run in
+``runs/<noise>/<method>-s<seed>``, skipped when done, so an interrupted command continues).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import config as config_lib
+from experiments import flags, optimizer_registry, reporting, runtime, trainer
+from experiments.config import TrainConfig
+from experiments.flags import option
+from experiments.papers import cached_runs, common, label_noise
+
+NAME = "efficiency"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One point of the frontier: an optimizer and the flags that choose where it ascends."""
+
+    label: str
+    optimizer: str
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    family: str = ""  # methods of one family share a colour and are joined by a line
+
+    def config(self, base: TrainConfig) -> TrainConfig:
+        return base.replace(optimizer=self.optimizer, **self.flags)
+
+
+def _methods() -> dict[str, Method]:
+    methods = {
+        "sgd": Method("SGD", "sgd", family="sgd"),
+        "sam": Method("SAM (m = 128)", "sam", family="sam"),
+        "stable_sam": Method("StableSAM", "stable_sam", family="stable_sam"),
+    }
+    for fraction in (0.1, 0.25, 0.5):
+        methods[f"late{100 * fraction:g}"] = Method(
+            f"SAM, last {100 * fraction:g} %", "sam", dict(sam_last_fraction=fraction), "late"
+        )
+    for k in (2, 5, 10):
+        methods[f"every{k}"] = Method(f"SAM every {k}", "sam", dict(sam_every=k), "every")
+    for k in (2, 5, 10):
+        methods[f"looksam{k}"] = Method(f"LookSAM k = {k}", "looksam", dict(looksam_k=k), "looksam")
+    for p in (0.2, 0.5):
+        methods[f"rst{100 * p:g}"] = Method(f"RST p = {p:g}", "sam", dict(sam_probability=p), "rst")
+    for name, label in (
+        ("ae_sam", "AE-SAM"),
+        ("esam", "ESAM"),
+        ("momentum_sam", "Momentum-SAM"),
+        ("sparse_sam_fisher", "SSAM-F"),
+        ("sparse_sam_dynamic", "SSAM-D"),
+    ):
+        if name in optimizer_registry.names():
+            methods[name] = Method(label, name, family=name)
+    for m in (16, 1):
+        methods[f"m{m}"] = Method(f"SAM, m = {m}", "sam", dict(sam_micro_batch=m), "m_sharpness")
+    return methods
+
+
+METHODS: dict[str, Method] = _methods()
+BASELINE, FULL_SAM = "sgd", "sam"
+FAMILY_COLORS = {
+    "sgd": "k", "sam": "C1", "stable_sam": "C0", "late": "C2", "every": "C3", "looksam": "C7",
+    "rst": "C4", "ae_sam": "C5", "esam": "C6", "momentum_sam": "C8", "sparse_sam_fisher": "C9",
+    "sparse_sam_dynamic": "#17becf", "m_sharpness": "#8c564b",
+}  # fmt: skip
+# The target: this share of full SAM's gain at no more than this many gradient evaluations
+# relative to SGD.
+TARGET_SHARE, TARGET_COST = 0.9, 1.2
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficiencyConfig:
+    """The protocol: what its runs share (`base`) and its own flags."""
+
+    base: TrainConfig = dataclasses.field(
+        default_factory=label_noise.base_config, metadata=dict(cli=False)
+    )
+    noise_rates: Sequence[float] = option(
+        (0.0, 0.4), "Label-noise fractions.", nargs="+", parse=float
+    )
+    methods: Sequence[str] = flags.methods_option(tuple(METHODS), "Methods to compare.")
+    seeds: int = option(3, "Seeds per method and noise.")
+    output_dir: str = option(
+        os.path.join(common.OUTPUT_ROOT, NAME), "Folder of the tables, figures and runs."
+    )
+    command: str = dataclasses.field(default="", metadata=dict(cli=False))  # reproduces it
+
+
+# Training flags the protocol sets itself, per run.
+_PROTOCOL_FIELDS = (
+    *label_noise.PROTOCOL_FIELDS,
+    "sam_last_fraction",
+    "sam_every",
+    "sam_probability",
+    "sam_micro_batch",
+    "looksam_k",
+)
+
+
+def build_parser(*, suppress_defaults: bool = False):
+    return label_noise.protocol_parser(
+        NAME, __doc__, EfficiencyConfig, exclude=_PROTOCOL_FIELDS,
+        suppress_defaults=suppress_defaults,
+    )  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EfficiencyConfig:
+    values = flags.parse_command_line(argv, build_parser, label_noise.PRESETS.__getitem__)
+    own, training = flags.split_fields(values, EfficiencyConfig)
+    noise_rates = label_noise.check_noise_rates(own["noise_rates"], own["seeds"], build_parser)
+    unknown = sorted(set(own["methods"]) - set(METHODS))
+    if unknown:
+        build_parser().error(f"unknown --methods {unknown}; choose from {' '.join(METHODS)}")
+    methods = (BASELINE, FULL_SAM, *(m for m in own["methods"] if m not in (BASELINE, FULL_SAM)))
+    return EfficiencyConfig(
+        base=TrainConfig(**training),
+        noise_rates=noise_rates,
+        methods=tuple(dict.fromkeys(methods)),
+        seeds=own["seeds"],
+        output_dir=own["output_dir"],
+        command=reporting.command_line(f"experiments.papers.{NAME}", argv),
+    )
+
+
+def run_config(args: EfficiencyConfig, method: str, rate: float, seed: int) -> TrainConfig:
+    """The harness configuration of one run, resolved."""
+    noise = label_noise.noise_tag(rate, args.base.label_noise_mode)
+    config = (
+        METHODS[method]
+        .config(args.base)
+        .replace(
+            label_noise=rate,
+            seed=seed,
+            checkpoint_every=args.base.epochs,  # one checkpoint, at the end
+            output_dir=os.path.join(args.output_dir, "runs", noise, f"{method}-s{seed}"),
+        )
+    )
+    return config_lib.resolve(config)
+
+
+def run_all(args: EfficiencyConfig) -> list[dict[str, Any]]:
+    """Every (noise rate, method, seed) run, trained or read back; one row per run."""
+    results = []
+    for rate in args.noise_rates:
+        dataset = None  # loaded once per noise rate, and only if a run trains
+        for method in args.methods:
+            for seed in range(args.seeds):
+                config = run_config(args, method, rate, seed)
+                if dataset is None and not cached_runs.is_done(config):
+                    dataset = trainer.load_dataset(config)
+                summary, _, trained = cached_runs.run_or_load(config, dataset)
+                print(
+                    f"{label_noise.noise_tag(rate)} {method} s{seed}: "
+                    f"{'trained' if trained else 'done already'}, test "
+                    f"{summary['final_test_accuracy']:.4f}, "
+                    f"{summary['gradient_evaluations_vs_sgd']:.2f}x SGD's gradients, "
+                    f"{summary['train_time_s']:.1f} s",
+                    flush=True,
+                )
+                results.append(
+                    {**summary, "noise_rate": rate, "method": method, "trained": trained}
+                )
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------------
+
+METRICS = {"final": "final_test_accuracy", "best_val": "test_accuracy_at_best_val"}
+
+
+def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> list[dict]:
+    """One row per (method, noise rate): means, stds, costs and the share of SAM's gain."""
+    table = []
+    for rate in args.noise_rates:
+        stats = {}
+        for method in args.methods:
+            runs = [r for r in results if r["noise_rate"] == rate and r["method"] == method]
+            entry = dict(
+                method=method, label=METHODS[method].label, noise_rate=rate, seeds=len(runs)
+            )
+            for key, field in METRICS.items():
+                entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std(
+                    [r[field] for r in runs]
+                )
+            entry["gradient_evaluations_vs_sgd"] = float(
+                np.mean([r["gradient_evaluations_vs_sgd"] for r in runs])
+            )
+            entry["train_time_s"] = float(np.mean([r["train_time_s"] for r in runs]))
+            stats[method] = entry
+        base, sam = stats[BASELINE], stats[FULL_SAM]
+        for entry in stats.values():
+            entry["train_time_vs_sgd"] = entry["train_time_s"] / base["train_time_s"]
+            for key in METRICS:
+                diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
+                gain = sam[f"{key}_mean"] - base[f"{key}_mean"]
+                entry[f"{key}_diff_to_sgd"] = diff
+                entry[f"{key}_share_of_sam_gain"] = diff / gain if gain > 0 else float("nan")
+                entry[f"{key}_beyond_spread"] = entry["method"] != BASELINE and (
+                    label_noise.significant(diff, entry[f"{key}_std"], base[f"{key}_std"])
+                )
+            table.append(entry)
+    return table
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (cost no higher and accuracy no lower, one of
+    them strictly), by increasing cost."""
+    front = []
+    for i, (cost, accuracy) in enumerate(points):
+        dominated = any(
+            c <= cost and a >= accuracy and (c < cost or a > accuracy)
+            for j, (c, a) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _share(entry: Mapping[str, Any], key: str) -> str:
+    share = entry[f"{key}_share_of_sam_gain"]
+    return (
+        "" if entry["method"] in (BASELINE, FULL_SAM) or np.isnan(share) else f"{100 * share:.0f} %"
+    )
+
+
+def markdown_table(table: Sequence[Mapping[str, Any]], rate: float) -> str:
+    rows = []
+    for entry in (e for e in table if e["noise_rate"] == rate):
+        row = {
+            "method": entry["label"],
+            "gradients vs SGD": f"{entry['gradient_evaluations_vs_sgd']:.2f}",
+            "time vs SGD": f"{entry['train_time_vs_sgd']:.2f}",
+        }
+        for key, title in (("final", "final"), ("best_val", "best val")):
+            text = f"{100 * entry[f'{key}_mean']:.2f} ± {100 * entry[f'{key}_std']:.2f}"
+            if entry["method"] != BASELINE:
+                mark = " *" if entry[f"{key}_beyond_spread"] else ""
+                text += f" ({100 * entry[f'{key}_diff_to_sgd']:+.2f}{mark})"
+            row[f"test % {title}"] = text
+            row[f"share of SAM's gain, {title}"] = _share(entry, key)
+        rows.append(row)
+    return reporting.markdown_table(rows, list(rows[0]), fmt=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures.
+# --------------------------------------------------------------------------------------------
+
+
+def plot_frontier(
+    table: Sequence[Mapping[str, Any]], args: EfficiencyConfig, rate: float, path: str
+) -> None:
+    """Test accuracy (rows: final, best validation) against the cost (columns: gradient
+    evaluations, training time; both relative to SGD), the Pareto front drawn."""
+    plt = reporting.pyplot()
+    entries = [e for e in table if e["noise_rate"] == rate]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey="row")
+    for row, (key, title) in enumerate(
+        (("final", "final epoch"), ("best_val", "best validation epoch"))
+    ):
+        for col, (cost, xlabel) in enumerate(
+            (
+                ("gradient_evaluations_vs_sgd", "gradient evaluations relative to SGD"),
+                ("train_time_vs_sgd", "training time relative to SGD (this machine)"),
+            )
+        ):
+            ax = axes[row][col]
+            points = [(e[cost], 100 * e[f"{key}_mean"]) for e in entries]
+            for e, (x, y) in zip(entries, points, strict=True):
+                color = FAMILY_COLORS.get(METHODS[e["method"]].family, "C0")
+                ax.errorbar(x, y, yerr=100 * e[f"{key}_std"], fmt="o", color=color, capsize=2, ms=5)
+                ax.annotate(
+                    e["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
+            front = pareto_front(points)
+            ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8,
+                    label="Pareto front")  # fmt: skip
+            sgd = next(e for e in entries if e["method"] == BASELINE)
+            sam = next(e for e in entries if e["method"] == FULL_SAM)
+            target = 100 * (
+                sgd[f"{key}_mean"] + TARGET_SHARE * (sam[f"{key}_mean"] - sgd[f"{key}_mean"])
+            )
+            if col == 0 and sam[f"{key}_mean"] > sgd[f"{key}_mean"]:
+                # The target's corner: accuracy above the line, cost left of it.
+                ax.axhline(
+                    target,
+                    color="g",
+                    ls=":",
+                    lw=1,
+                    label=f"{100 * TARGET_SHARE:.0f} % of SAM's gain",
+                )
+                ax.axvline(TARGET_COST, color="g", ls=":", lw=1, label=f"{TARGET_COST}x SGD")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"test accuracy (%) at the {title}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+    noise = label_noise.noise_label(rate, args.base.label_noise_mode)
+    protocol = label_noise.title(args.base)
+    fig.suptitle(f"{noise}: {protocol}; mean ± std over {args.seeds} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The report.
+# --------------------------------------------------------------------------------------------
+
+
+def _entry(
+    table: Sequence[Mapping[str, Any]], rate: float, method: str
+) -> Mapping[str, Any] | None:
+    return next((e for e in table if e["noise_rate"] == rate and e["method"] == method), None)
+
+
+def _compare(entry: Mapping[str, Any], other: Mapping[str, Any], key: str) -> str:
+    """'matches' / 'beats' / 'falls short of' `other`, by the table's spread rule."""
+    diff = entry[f"{key}_mean"] - other[f"{key}_mean"]
+    if not label_noise.significant(diff, entry[f"{key}_std"], other[f"{key}_std"]):
+        return f"is within the seeds' spread of {other['label']} ({100 * diff:+.2f} points)"
+    verb = "beats" if diff > 0 else "falls short of"
+    return f"{verb} {other['label']} by {100 * abs(diff):.2f} points"
+
+
+def target_line(table: Sequence[Mapping[str, Any]], rate: float, key: str = "final") -> str:
+    """Which methods reach the target, or the closest one."""
+    sgd, sam = _entry(table, rate, BASELINE), _entry(table, rate, FULL_SAM)
+    gain = sam[f"{key}_mean"] - sgd[f"{key}_mean"]
+    if not gain > 0:
+        return (
+            f"SAM does not beat SGD here ({100 * gain:+.2f} points), so there is no gain to keep."
+        )
+    cheap = [e for e in table if e["noise_rate"] == rate and e["method"] not in (BASELINE, FULL_SAM)
+             and e["gradient_evaluations_vs_sgd"] <= TARGET_COST]  # fmt: skip
+    reached = [e for e in cheap if e[f"{key}_share_of_sam_gain"] >= TARGET_SHARE]
+    if reached:
+        names = ", ".join(
+            f"{e['label']} ({100 * e[f'{key}_share_of_sam_gain']:.0f} % at "
+            f"{e['gradient_evaluations_vs_sgd']:.2f}x)"
+            for e in sorted(reached, key=lambda e: -e[f"{key}_share_of_sam_gain"])
+        )
+        return f"SAM gains {100 * gain:.2f} points; reaching the target: {names}."
+    best = max(cheap, key=lambda e: e[f"{key}_share_of_sam_gain"], default=None)
+    closest = (
+        f" the closest is {best['label']} with {100 * best[f'{key}_share_of_sam_gain']:.0f} % "
+        f"at {best['gradient_evaluations_vs_sgd']:.2f}x"
+        if best
+        else ""
+    )
+    return f"SAM gains {100 * gain:.2f} points; no method reaches the target;{closest}."
+
+
+def claims(table: Sequence[Mapping[str, Any]], rate: float) -> list[str]:
+    """The papers' claims, each checked against this noise setting's numbers."""
+    get = functools.partial(_entry, table, rate)
+    sam, lines = get(FULL_SAM), []
+    checks = (
+        ("late25", "Zhou et al.: SAM in the last part of training alone is about as good as SAM "
+         "throughout", sam),
+        ("rst50", "Zhao et al.: randomized switching keeps SAM's accuracy at a fraction of its "
+         "cost", sam),
+        ("looksam5", "Liu et al.: LookSAM k = 5 is about as accurate as SAM", sam),
+        ("ae_sam", "Jiang et al.: AE-SAM, SAM on about half of the steps, is about as accurate "
+         "as SAM", sam),
+        ("esam", "Du et al.: ESAM is about as accurate as SAM", sam),
+        ("momentum_sam", "Becker et al.: Momentum-SAM gets SAM's gain at SGD's cost", sam),
+        ("sparse_sam_fisher", "Mi et al.: SSAM-F (50 % sparse) is about as accurate as SAM", sam),
+        ("sparse_sam_dynamic", "Mi et al.: SSAM-D (50 % sparse) is about as accurate as SAM", sam),
+        ("m1", "Baek et al.: under label noise, per-example ascent (m = 1) gains most", sam),
+    )  # fmt: skip
+    for method, claim, other in checks:
+        entry = get(method)
+        if entry is None:
+            continue
+        parts = [
+            f"at the {title} it {_compare(entry, other, key)}"
+            for key, title in (("final", "final epoch"), ("best_val", "best-val epoch"))
+        ]
+        lines.append(
+            f"- {claim}. Here {entry['label']} ({entry['gradient_evaluations_vs_sgd']:.2f}x SGD's "
+            f"gradients) " + "; ".join(parts) + "."
+        )
+    return lines
+
+
+def write_report(table, results, args, seconds, loads, out) -> None:
+    trained = sum(r["trained"] for r in results)
+    lines = [
+        "# The efficient-SAM frontier on Fashion-MNIST, CPU scale",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        f"Protocol: {label_noise.title(args.base)}; {args.base.validation_size} validation images "
+        f"held out (clean labels); noise rates {list(args.noise_rates)} "
+        f"({args.base.label_noise_mode}); {args.seeds} seeds; rho {args.base.rho or 0.05:g} "
+        "(each optimizer's registry default). Every run through "
+        "`experiments.trainer.train_and_evaluate`; its files under "
+        "`runs/<noise>/<method>-s<seed>/`.",
+        "",
+        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
+        f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs ({trained} "
+        f"trained now). Gradient evaluations are counted exactly; training times are each run's "
+        f"own (the sum of its epochs, without compilation and evaluation) on this shared machine.",
+        "",
+    ]
+    for rate in args.noise_rates:
+        tag = label_noise.noise_tag(rate, args.base.label_noise_mode)
+        lines += [
+            f"## {label_noise.noise_label(rate, args.base.label_noise_mode)}",
+            "",
+            markdown_table(table, rate),
+            "",
+            f"![accuracy against cost, {tag}]({NAME}_{tag}.png)",
+            "",
+            f"Target ({100 * TARGET_SHARE:.0f} % of SAM's final-epoch gain at <= {TARGET_COST}x "
+            f"SGD's gradient evaluations): {target_line(table, rate)} At the best validation "
+            f"epoch: {target_line(table, rate, 'best_val')}",
+            "",
+            *claims(table, rate),
+            "",
+        ]
+    lines += [
+        "Test accuracy (%), mean ± std over seeds; in brackets the difference to SGD, marked * "
+        "where it exceeds the sum of the two standard deviations (a rough screen with few seeds, "
+        "not a significance test). Share of SAM's gain: (method - SGD) / (SAM - SGD).",
+        "",
+    ]
+    reporting.write_text(os.path.join(out, f"{NAME}.md"), "\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    load_start = runtime.load_average()
+    out = common.make_output_dir(args.output_dir)
+    results = run_all(args)
+    table = summarize(results, args)
+    for rate in args.noise_rates:
+        tag = label_noise.noise_tag(rate, args.base.label_noise_mode)
+        plot_frontier(table, args, rate, os.path.join(out, f"{NAME}_{tag}.png"))
+    reporting.write_csv(os.path.join(out, "table.csv"), table)
+    seconds = time.perf_counter() - start
+    write_report(table, results, args, seconds, (load_start, runtime.load_average()), out)
+    reporting.write_json(
+        os.path.join(out, f"{NAME}.json"),
+        dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, table=table,
+             runs=results),
+    )  # fmt: skip
+    for rate in args.noise_rates:
+        print(markdown_table(table, rate))
+    print(f"wrote {out} in {seconds:.1f} s")
+    return dict(results=results, table=table, seconds=seconds)
+
+
+if __name__ == "__main__":
+    runtime.run_command(main)
