@@ -360,13 +360,10 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
         errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
     if config.optimizer == optimizer_registry.BASELINE:
-        for flag in _SAM_SCHEDULE_FLAGS:
-            if _sam_schedule_set(config, flag):
-                errors.append(
-                    f"--{flag.replace('_', '-')} needs a SAM optimizer, e.g. --optimizer sam."
-                )
-        if config.adaptive:
-            errors.append("--adaptive needs a SAM optimizer, e.g. --optimizer sam.")
+        for name, off in SAM_ONLY_OFF.items():
+            if getattr(config, name) != off:
+                flag = "--" + name.replace("_", "-")
+                errors.append(f"{flag} needs a SAM optimizer, e.g. --optimizer sam.")
     elif config.adaptive and "adaptive" not in optimizer_registry.get(config.optimizer).knobs:
         errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
     if config.sam_micro_batch and optimizer_registry.VARIANTS.get(config.optimizer) is not None:
@@ -395,19 +392,19 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     return errors
 
 
-# The flags that choose the steps (or examples) of the ascent; each needs a SAM optimizer.
-_SAM_SCHEDULE_FLAGS = (
-    "sam_start_epoch",
-    "sam_last_fraction",
-    "sam_every",
-    "sam_probability",
-    "sam_micro_batch",
+# The flags that choose the steps of the ascent, at their values for "on every step".
+ASCENT_ON_EVERY_STEP: Mapping[str, Any] = dict(
+    sam_start_epoch=0, sam_last_fraction=0.0, sam_every=1, sam_probability=1.0
 )
-_SAM_SCHEDULE_OFF = dict(sam_every=1, sam_probability=1.0)
+# Every flag that only a SAM optimizer takes, at its "off" value (the SGD baseline's).
+SAM_ONLY_OFF: Mapping[str, Any] = dict(**ASCENT_ON_EVERY_STEP, sam_micro_batch=0, adaptive=False)
 
 
-def _sam_schedule_set(config: TrainConfig, name: str) -> bool:
-    return getattr(config, name) != _SAM_SCHEDULE_OFF.get(name, 0)
+def without_sam(config: TrainConfig) -> TrainConfig:
+    """`config` as the SGD baseline: optimizer sgd, rho unset and every SAM-only flag off."""
+    return dataclasses.replace(
+        config, optimizer=optimizer_registry.BASELINE, rho=None, **SAM_ONLY_OFF
+    )
 
 
 def _schedule_errors(config: TrainConfig) -> list[str]:

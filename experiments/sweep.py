@@ -171,16 +171,15 @@ class Runner:
         output_dir = os.path.join(
             self.sweep.output_dir, "runs", run_dir_name(optimizer, lr, wd, rho, seed)
         )
+        # SAM-only knobs stay off for the SGD baseline.
+        base = config_lib.without_sam(self.sweep.base) if optimizer == "sgd" else self.sweep.base
         config = dataclasses.replace(
-            self.sweep.base,
+            base,
             optimizer=optimizer,
             rho=rho if optimizer != "sgd" else None,
             learning_rate=lr,
             weight_decay=wd,
             seed=seed,
-            # SAM-only knobs stay off for the SGD baseline.
-            sam_start_epoch=0 if optimizer == "sgd" else self.sweep.base.sam_start_epoch,
-            adaptive=False if optimizer == "sgd" else self.sweep.base.adaptive,
             output_dir=output_dir,
             # Continues an interrupted run; starts afresh where there is nothing yet.
             resume=True,
@@ -316,9 +315,7 @@ def table_markdown(table: Sequence[Mapping[str, Any]], sweep: SweepConfig) -> st
     """The final table with its caption: test accuracy mean ± std per optimizer."""
     # The data-set defaults filled in, for the caption.
     base = config_lib.resolve(
-        dataclasses.replace(
-            sweep.base, optimizer="sgd", sam_start_epoch=0, adaptive=False, output_dir="-"
-        )
+        dataclasses.replace(config_lib.without_sam(sweep.base), output_dir="-")
     )
     lines = [
         f"Test accuracy (%) on {base.dataset}, {base.model}, {base.epochs} epochs, batch "

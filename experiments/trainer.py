@@ -224,7 +224,7 @@ def create_experiment(
     ascends, train_step_without_ascent = None, None
     if _switch_on_host(config):
         ascends = optimizers.ascending_steps(config, steps_per_epoch)
-        every_step = config.replace(**_ASCENT_ON_EVERY_STEP)
+        every_step = config.replace(**config_lib.ASCENT_ON_EVERY_STEP)
         tx = optimizers.build_optimizer(
             every_step, steps_per_epoch, axis_name=steps.AXIS, learning_rate=learning_rate
         )
@@ -285,12 +285,6 @@ def _initial_state(
         batch_stats=jax.tree.map(lambda x: put_global(x, rep), variables["batch_stats"]),
         opt_state=jax.jit(tx.init, out_shardings=rep)(params),
     )
-
-
-# The schedule flags at their "ascend on every step" values.
-_ASCENT_ON_EVERY_STEP = dict(
-    sam_start_epoch=0, sam_last_fraction=0.0, sam_every=1, sam_probability=1.0
-)
 
 
 def _switch_on_host(config: TrainConfig) -> bool:

@@ -4,7 +4,6 @@ writers and the skip-when-done logic."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -14,41 +13,6 @@ import pytest
 from experiments import config as config_lib
 from experiments import optimizer_registry
 from experiments.papers import cached_runs, label_noise, late_phase_fashion, refresh_figures
-
-IDX_NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
-
-
-@pytest.fixture(scope="module")
-def fashion_dir(tmp_path_factory):
-    """Four tiny Fashion-MNIST IDX files: class-dependent blobs, learnable in a few steps."""
-    folder = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-
-    def images(labels):
-        x = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            x[i, 2 * label : 2 * label + 6, 4:24] = 250
-        return x
-
-    train_y = (np.arange(96) % 10).astype(np.uint8)
-    test_y = (np.arange(40) % 10).astype(np.uint8)
-    for name, array in zip(
-        IDX_NAMES, (images(train_y), train_y, images(test_y), test_y), strict=True
-    ):
-        with gzip.open(folder / (name + ".gz"), "wb") as f:
-            f.write(_idx_bytes(array))
-    return str(folder)
 
 
 def _tiny_label_noise_flags(fashion_dir, out, *extra):

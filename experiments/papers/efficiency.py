@@ -325,7 +325,7 @@ def plot_frontier(
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
     noise = label_noise.noise_label(rate, args.base.label_noise_mode)
-    protocol = label_noise.title(args.base)
+    protocol = label_noise.protocol_title(args.base)
     fig.suptitle(f"{noise}: {protocol}; mean ± std over {args.seeds} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -420,8 +420,9 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Protocol: {label_noise.title(args.base)}; {args.base.validation_size} validation images "
-        f"held out (clean labels); noise rates {list(args.noise_rates)} "
+        f"Protocol: {label_noise.protocol_title(args.base)}; "
+        f"{args.base.validation_size} validation images held out (clean labels); "
+        f"noise rates {list(args.noise_rates)} "
         f"({args.base.label_noise_mode}); {args.seeds} seeds; rho {args.base.rho or 0.05:g} "
         "(each optimizer's registry default). Every run through "
         "`experiments.trainer.train_and_evaluate`; its files under "

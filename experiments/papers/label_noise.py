@@ -410,7 +410,7 @@ def plot_accuracy(table: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
     for ax in axes:
         ax.set_ylabel(f"test accuracy (%), mean ± std over {args.seeds} seeds", fontsize=8)
     axes[0].legend(fontsize=8, loc="upper left", ncol=num)
-    fig.suptitle(title(args.base), fontsize=9)
+    fig.suptitle(protocol_title(args.base), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=80)
     plt.close(fig)
@@ -443,13 +443,13 @@ def plot_curves(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig, ou
         ax.set_ylabel(f"test accuracy (%), mean over {args.seeds} seeds")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title(args.base), fontsize=9)
+    fig.suptitle(protocol_title(args.base), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)
 
 
-def title(base: TrainConfig) -> str:
+def protocol_title(base: TrainConfig) -> str:
     """The protocol in one line, for figures and reports."""
     return (
         f"{base.dataset}, {base.model} {base.model_kwargs}, {base.train_size or 'all'} training "
@@ -516,7 +516,8 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Protocol: {title(args.base)}; {args.base.validation_size} validation images held out "
+        f"Protocol: {protocol_title(args.base)}; {args.base.validation_size} validation images "
+        "held out "
         f"(clean labels); noise rates {list(args.noise_rates)} ({args.base.label_noise_mode}); "
         f"{args.seeds} seeds; rho: each variant's registry default"
         + (f", overridden: {dict(args.rho)}" if args.rho else "")
