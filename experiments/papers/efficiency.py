@@ -415,6 +415,11 @@ def claims(table: Sequence[Mapping[str, Any]], rate: float) -> list[str]:
 
 def write_report(table, results, args, seconds, loads, out) -> None:
     trained = sum(r["trained"] for r in results)
+    rho_of = {r["method"]: r["rho"] for r in results if r["method"] != BASELINE}
+    rhos = ", ".join(
+        f"{rho:g} for {', '.join(METHODS[m].label for m, r in rho_of.items() if r == rho)}"
+        for rho in sorted(set(rho_of.values()))
+    )
     lines = [
         "# The efficient-SAM frontier on Fashion-MNIST, CPU scale",
         "",
@@ -423,8 +428,8 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         f"Protocol: {label_noise.protocol_title(args.base)}; "
         f"{args.base.validation_size} validation images held out (clean labels); "
         f"noise rates {list(args.noise_rates)} "
-        f"({args.base.label_noise_mode}); {args.seeds} seeds; rho {args.base.rho or 0.05:g} "
-        "(each optimizer's registry default). Every run through "
+        f"({args.base.label_noise_mode}); {args.seeds} seeds; rho: each optimizer's registry "
+        f"default ({rhos}). Every run through "
         "`experiments.trainer.train_and_evaluate`; its files under "
         "`runs/<noise>/<method>-s<seed>/`.",
         "",
