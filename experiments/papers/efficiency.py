@@ -176,12 +176,13 @@ def run_all(args: EfficiencyConfig) -> list[dict[str, Any]]:
                 if dataset is None and not cached_runs.is_done(config):
                     dataset = trainer.load_dataset(config)
                 summary, _, trained = cached_runs.run_or_load(config, dataset)
+                cost = summary["gradient_evaluations_vs_sgd"]
                 print(
                     f"{label_noise.noise_tag(rate)} {method} s{seed}: "
                     f"{'trained' if trained else 'done already'}, test "
                     f"{summary['final_test_accuracy']:.4f}, "
-                    f"{summary['gradient_evaluations_vs_sgd']:.2f}x SGD's gradients, "
-                    f"{summary['train_time_s']:.1f} s",
+                    + (f"{cost:.2f}x SGD's gradients, " if cost is not None else "diverged, ")
+                    + f"{summary['train_time_s']:.1f} s",
                     flush=True,
                 )
                 results.append(
@@ -211,10 +212,18 @@ def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> l
                 entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std(
                     [r[field] for r in runs]
                 )
-            entry["gradient_evaluations_vs_sgd"] = float(
-                np.mean([r["gradient_evaluations_vs_sgd"] for r in runs])
+            # A diverged run's accuracy counts (it is what the method gave); its cost is that of
+            # the seeds that finished (NaN, and no point in the figures, if none did).
+            finished = [r for r in runs if not r["diverged"]]
+            entry["diverged_seeds"] = len(runs) - len(finished)
+            entry["gradient_evaluations_vs_sgd"] = (
+                float(np.mean([r["gradient_evaluations_vs_sgd"] for r in finished]))
+                if finished
+                else float("nan")
             )
-            entry["train_time_s"] = float(np.mean([r["train_time_s"] for r in runs]))
+            entry["train_time_s"] = (
+                float(np.mean([r["train_time_s"] for r in finished])) if finished else float("nan")
+            )
             stats[method] = entry
         base, sam = stats[BASELINE], stats[FULL_SAM]
         for entry in stats.values():
@@ -256,8 +265,10 @@ def _share(entry: Mapping[str, Any], key: str) -> str:
 def markdown_table(table: Sequence[Mapping[str, Any]], rate: float) -> str:
     rows = []
     for entry in (e for e in table if e["noise_rate"] == rate):
+        diverged = entry["diverged_seeds"]
         row = {
-            "method": entry["label"],
+            "method": entry["label"]
+            + (f" (diverged: {diverged} of {entry['seeds']} seeds)" if diverged else ""),
             "gradients vs SGD": f"{entry['gradient_evaluations_vs_sgd']:.2f}",
             "time vs SGD": f"{entry['train_time_vs_sgd']:.2f}",
         }
@@ -295,8 +306,9 @@ def plot_frontier(
             )
         ):
             ax = axes[row][col]
-            points = [(e[cost], 100 * e[f"{key}_mean"]) for e in entries]
-            for e, (x, y) in zip(entries, points, strict=True):
+            drawn = [e for e in entries if np.isfinite(e[cost])]
+            points = [(e[cost], 100 * e[f"{key}_mean"]) for e in drawn]
+            for e, (x, y) in zip(drawn, points, strict=True):
                 color = FAMILY_COLORS.get(METHODS[e["method"]].family, "C0")
                 ax.errorbar(x, y, yerr=100 * e[f"{key}_std"], fmt="o", color=color, capsize=2, ms=5)
                 ax.annotate(
@@ -360,8 +372,14 @@ def target_line(table: Sequence[Mapping[str, Any]], rate: float, key: str = "fin
         return (
             f"SAM does not beat SGD here ({100 * gain:+.2f} points), so there is no gain to keep."
         )
-    cheap = [e for e in table if e["noise_rate"] == rate and e["method"] not in (BASELINE, FULL_SAM)
-             and e["gradient_evaluations_vs_sgd"] <= TARGET_COST]  # fmt: skip
+    cheap = [
+        e
+        for e in table
+        if e["noise_rate"] == rate
+        and e["method"] not in (BASELINE, FULL_SAM)
+        and e["gradient_evaluations_vs_sgd"] <= TARGET_COST
+        and not e["diverged_seeds"]
+    ]
     reached = [e for e in cheap if e[f"{key}_share_of_sam_gain"] >= TARGET_SHARE]
     if reached:
         names = ", ".join(
