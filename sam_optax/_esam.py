@@ -113,8 +113,9 @@ def esam(
     _ascent.check_real("beta", beta, low=0.0, high=1.0, hint=hint)
     if _ascent.concrete_float(beta) == 0:
         raise ValueError(f"beta must be > 0 (beta = 0 perturbs nothing). {hint}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {seed!r}. E.g. esam(rho=0.05, seed=0).")
+    integer_array = hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jnp.integer)
+    if isinstance(seed, bool) or not (isinstance(seed, int) or integer_array):
+        raise TypeError(f"seed must be an int, got {seed!r}. E.g. esam(rho=0.05, seed=0).")
 
     def init_fn(params: optax.Params) -> ESAMState:
         del params
