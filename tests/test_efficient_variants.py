@@ -446,10 +446,8 @@ class SharedTest(chex.TestCase):
                 epss = [0.1 / 0.5 * np_normalized(m * gd) for gd in grads]
             else:
                 epss = [0.3 * np_normalized(-v)] * N_DEVICES
-            out = np.mean(
-                [gd if e is None else np_grad(w + e, r) for gd, e, r in zip(grads, epss, rows)],
-                axis=0,
-            )
+            pairs = zip(grads, epss, rows, strict=True)
+            out = np.mean([gd if e is None else np_grad(w + e, r) for gd, e, r in pairs], axis=0)
             v = 0.8 * v + out
             outs.append(out)
             w = w - LR * out
