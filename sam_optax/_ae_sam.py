@@ -118,8 +118,7 @@ def ae_sam(
       rho: radius of the ascent, >= 0, or an optax schedule of the step count. Defaults to 0.05.
       num_steps: T, the number of training steps over which c_t rises from lambda_1 to lambda_2
         (an int >= 1; required, since the schedule is tied to the length of the run).
-      decay: delta, the decay of the moving mean and variance, in [0, 1). Defaults to 0.9 (the
-        paper's value).
+      decay: delta, the decay of the moving mean and variance, in [0, 1). Defaults to 0.9.
       lambda_1: c_0, the threshold at the start, in standard deviations. Defaults to -1.0.
       lambda_2: c_T, the threshold from step T on, >= lambda_1. Defaults to 1.0.
       {shared_args}
@@ -131,10 +130,11 @@ def ae_sam(
 
     References:
       Jiang, Yang, Zhang and Kwok, `An Adaptive Policy to Employ Sharpness-Aware Minimization
-      <https://arxiv.org/abs/2304.14647>`_, ICLR 2023 (Algorithm 1). The update order, the zero
-      initial statistics, delta = 0.9 and the linear threshold schedule follow the paper; the
-      authors' code was not available to check against, and lambda_1 = -1, lambda_2 = 1 are the
-      paper's CIFAR setting as we read it (tune them for the fraction of SAM steps you want).
+      <https://arxiv.org/abs/2304.14647>`_, ICLR 2023. The update order (statistics first,
+      then the comparison), the zero initial statistics and the linear threshold schedule follow
+      the paper's Algorithm 1; the authors' code was not available to check them against, and
+      decay = 0.9, lambda_1 = -1, lambda_2 = 1 are starting points, not verified defaults: tune
+      lambda_1 and lambda_2 for the fraction of SAM steps you want (``ascents / count``).
     """
     ascent = _ascent.Ascent.from_arguments("ae_sam", locals())
     _check_num_steps(num_steps)

@@ -381,8 +381,9 @@ class SharedTest(chex.TestCase):
         factory, hyper = FACTORIES[name]
         static = ("seed",) if name == "esam" else ()
         injected = optax.inject_hyperparams(factory, static_args=static)(**hyper)
-        got, _ = run(injected, 6)
-        want, _ = run(factory(**hyper), 6)
+        pass_updates = name != "momentum_sam"
+        got, _ = run(injected, 6, pass_updates=pass_updates)
+        want, _ = run(factory(**hyper), 6, pass_updates=pass_updates)
         assert_outputs(got, want)
 
     def test_inject_hyperparams_seed_as_array(self):
@@ -390,15 +391,16 @@ class SharedTest(chex.TestCase):
         got, _ = run(injected, 4)
         assert_outputs(got, run(sam_optax.esam(0.1, beta=0.5, seed=3), 4)[0])
 
-    @parameterized.parameters("ae_sam", "esam", "momentum_sam")
-    def test_shard_map(self, name):
+    @parameterized.parameters(
+        ("ae_sam", True), ("esam", True), ("momentum_sam", False), ("momentum_sam", True)
+    )
+    def test_shard_map(self, name, pass_updates):
         factory, hyper = FACTORIES[name]
         tx = factory(**hyper, axis_name="data")
         mesh = jax.make_mesh((N_DEVICES,), ("data",))
         P = jax.sharding.PartitionSpec
         sharding = jax.sharding.NamedSharding(mesh, P("data"))
         xs, ys = jax.device_put((X.reshape(N_DEVICES, -1, 5), Y.reshape(N_DEVICES, -1)), sharding)
-        pass_updates = name != "momentum_sam"
 
         def device_step(params, state, x, y):
             batch = (x[0], y[0])
