@@ -36,6 +36,11 @@ class AESAMState(NamedTuple):
 
 def _check_num_steps(num_steps: Any) -> None:
     hint = "E.g. ae_sam(rho=0.05, num_steps=total_training_steps)."
+    if num_steps is None:
+        raise TypeError(
+            "ae_sam needs num_steps, the length of the run over which its threshold rises from "
+            f"lambda_1 to lambda_2. {hint}"
+        )
     if isinstance(num_steps, jax.core.Tracer):
         return
     if hasattr(num_steps, "dtype") and jnp.ndim(num_steps) == 0:
@@ -61,7 +66,7 @@ def threshold_at(count: jax.Array, num_steps: Any, lambda_1: Any, lambda_2: Any)
 def ae_sam(
     rho: float | jax.Array | Schedule = 0.05,
     *,
-    num_steps: int | jax.Array,
+    num_steps: int | jax.Array | None = None,
     decay: float | jax.Array = 0.9,
     lambda_1: float | jax.Array = -1.0,
     lambda_2: float | jax.Array = 1.0,
@@ -117,7 +122,8 @@ def ae_sam(
     Args:
       rho: radius of the ascent, >= 0, or an optax schedule of the step count. Defaults to 0.05.
       num_steps: T, the number of training steps over which c_t rises from lambda_1 to lambda_2
-        (an int >= 1; required, since the schedule is tied to the length of the run).
+        (an int >= 1; required, since the schedule is tied to the length of the run, e.g. the
+        number of epochs times the steps per epoch).
       decay: delta, the decay of the moving mean and variance, in [0, 1). Defaults to 0.9.
       lambda_1: c_0, the threshold at the start, in standard deviations. Defaults to -1.0.
       lambda_2: c_T, the threshold from step T on, >= lambda_1. Defaults to 1.0.

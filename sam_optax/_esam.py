@@ -170,7 +170,8 @@ def esam_selected_grad_fn(
     The official code keeps the examples strictly above the k-th value (k - 1 of them without
     ties) and the whole batch from fraction 0.99 up; here exactly k are kept. Its cost: one
     forward pass on the whole batch and a backward pass on k examples, in place of a backward
-    pass on n.
+    pass on n. Inside `jax.shard_map`, each device selects among its own examples (as each
+    process of the official data-parallel code does).
 
     Example:
 
@@ -205,6 +206,11 @@ def esam_selected_grad_fn(
         "E.g. sam_optax.esam_selected_grad_fn(per_example_loss_fn, batch, losses, fraction=0.5), "
         "with losses = per_example_loss_fn(params, batch) at w."
     )
+    if isinstance(fraction, jax.core.Tracer):
+        raise TypeError(
+            "fraction must be a Python float: it sets the static size of the selected batch. "
+            + hint
+        )
     _ascent.check_real("fraction", fraction, low=0.0, high=1.0, hint=hint)
     if jnp.ndim(losses) != 1:
         raise ValueError(

@@ -456,7 +456,7 @@ class SharedTest(chex.TestCase):
         return outs
 
     @parameterized.parameters(
-        (sam_optax.ae_sam, dict(), TypeError, "num_steps"),
+        (sam_optax.ae_sam, dict(), TypeError, r"needs num_steps.*ae_sam\(rho=0.05, num_steps="),
         (sam_optax.ae_sam, dict(num_steps=0), ValueError, r"ae_sam\(rho=0.05, num_steps="),
         (sam_optax.ae_sam, dict(num_steps=2.5), TypeError, "num_steps must be an int"),
         (sam_optax.ae_sam, dict(num_steps=10, decay=1.0), ValueError, "decay must be < 1"),
