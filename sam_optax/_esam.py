@@ -77,10 +77,11 @@ def esam(
     What of ESAM a pre-transformation cannot give: the official code saves the backward pass of
     the tensors left out of the ascent in the *first* pass (they need no gradient at w), but here
     `updates`, the gradient at w, is computed by the caller before this transformation runs, in
-    full, so SWP changes the ascent and not the first pass's cost; XLA computes the second pass
-    for every tensor too. SDS does save compute, in the second backward pass, whose batch is
-    smaller (a static count of examples), at the cost of a forward pass on the whole batch at
-    w + eps (as in the official code). Costs two passes per step (one where rho is 0).
+    full, so SWP changes the ascent and not the first pass's cost (the second pass
+    differentiates every tensor, there as here). SDS does save compute, in the second backward
+    pass, whose batch is smaller (a static count of examples), at the cost of a forward pass on
+    the whole batch at w + eps (as in the official code). Costs two passes per step (one where
+    rho is 0).
 
     Example:
 
