@@ -18,9 +18,12 @@ from typing import Any as _Any
 
 from sam_optax import sharpness
 from sam_optax._accumulation import accumulate_grad_fn
+from sam_optax._ae_sam import AESAMState, ae_sam
+from sam_optax._esam import ESAMState, esam, esam_selected_grad_fn
 from sam_optax._friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._gsam import GSAMState, gsam, gsam_rho_schedule
 from sam_optax._looksam import LookSAMState, looksam
+from sam_optax._momentum_sam import MomentumSAMState, momentum_sam
 from sam_optax._parallel import per_device
 from sam_optax._sam import SAMState, asam, perturbation, sam, stable_sam, usam
 from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
@@ -50,6 +53,13 @@ __all__ = [
     "gsam_rho_schedule",
     "looksam",
     "vasso",
+    "AESAMState",
+    "ESAMState",
+    "MomentumSAMState",
+    "ae_sam",
+    "esam",
+    "esam_selected_grad_fn",
+    "momentum_sam",
 ]
 
 # `sam_optax.nnx` and `sam_optax.linen` import Flax, on first access (not in __all__, so that
