@@ -142,6 +142,23 @@ class TrainConfig:
         0.9, "Friendly SAM's lambda, the EMA decay of the gradient (its training script: 0.95)."
     )
     vasso_theta: float = _field(0.9, "VaSSO's theta, the EMA weight of the new gradient (1: SAM).")
+    ae_sam_decay: float = _field(
+        0.9, "AE-SAM's delta, the EMA decay of the mean and variance of ||g||^2."
+    )
+    ae_sam_lambda1: float = _field(
+        -1.0, "AE-SAM's threshold c at the first step (SAM where ||g||^2 >= mean + c std)."
+    )
+    ae_sam_lambda2: float = _field(
+        1.0, "AE-SAM's threshold c at the last step (linear in between)."
+    )
+    esam_beta: float = _field(
+        0.6, "ESAM's beta, the probability that a parameter tensor is perturbed (1: every one)."
+    )
+    esam_gamma: float = _field(
+        0.5,
+        "ESAM's gamma, the fraction of each batch whose loss rose most that the second pass "
+        "differentiates (1: the whole batch).",
+    )
     sync_ascent: bool = _field(
         False,
         "Average the ascent gradient over all devices (global-batch SAM). Default: each device "
@@ -372,6 +389,8 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
                 f"--sam-micro-batch needs a variant of sam_optax.sam (e.g. --optimizer sam), not "
                 f"--optimizer {config.optimizer}."
             )
+    if config.esam_beta == 0 or config.esam_gamma == 0:
+        errors.append("--esam-beta and --esam-gamma must be > 0 (1 turns each part of ESAM off).")
     if config.ascent_steps < 1:
         errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
     if config.looksam_k < 1:
@@ -382,6 +401,9 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
         ("--fsam-sigma", config.fsam_sigma, 0.0, math.inf),
         ("--fsam-lambda", config.fsam_lambda, 0.0, 1.0),
         ("--vasso-theta", config.vasso_theta, 0.0, 1.0),
+        ("--ae-sam-decay", config.ae_sam_decay, 0.0, 1.0),
+        ("--esam-beta", config.esam_beta, 0.0, 1.0),
+        ("--esam-gamma", config.esam_gamma, 0.0, 1.0),
     ):
         if not (math.isfinite(value) and low <= value <= high):
             errors.append(f"{flag} must be a finite number in [{low:g}, {high:g}], got {value}.")

@@ -79,6 +79,9 @@ class Variant:
     # Whether each step evaluates the gradient at the weights themselves (one pass) before the
     # ascent.
     first_pass: bool = True
+    # The TrainConfig field of the fraction of each batch that the second pass differentiates
+    # (ESAM's data selection; None: the whole batch).
+    selection_field: str | None = None
 
     def options(self, config: Any) -> dict[str, Any]:
         """The factory's keyword arguments taken from a ``TrainConfig``."""
@@ -100,6 +103,21 @@ def every_kth_ascending_step(ascends: np.ndarray, options: Mapping[str, Any], st
     del state
     steps = np.arange(len(ascends))
     return int(np.count_nonzero(ascends & (steps % options["k"] == 0)))
+
+
+def counted_in_state(ascends: np.ndarray, options: Mapping[str, Any], state: Any) -> int:
+    """AE-SAM: the ascents its state counted (the switch depends on the data)."""
+    del ascends, options
+    return int(state.ascents)
+
+
+def train_step_options(name: str, config: Any) -> dict[str, Any]:
+    """The keywords of :func:`experiments.steps.make_train_step` that optimizer `name` sets."""
+    if name == BASELINE:
+        return {}
+    variant = get(name)
+    fraction = getattr(config, variant.selection_field) if variant.selection_field else 1.0
+    return dict(first_pass=variant.first_pass, select_fraction=fraction)
 
 
 def gradient_evaluations(name: str, ascends: np.ndarray, config: Any, state: Any) -> int:
@@ -275,3 +293,30 @@ _register_with_stable_form(Variant(
     default_rho=0.05, factory=sam_optax.vasso, in_protocol=False,
     config_fields={**_ETA, "theta": "vasso_theta"},
 ), stable_color="#17becf")  # fmt: skip
+
+_JIANG = "Jiang et al., ICLR 2023"
+_DU = "Du et al., ICLR 2022"
+_BECKER = "Becker et al., TMLR 2024"
+register(Variant(
+    name="ae_sam", label="AE-SAM", color="#e377c2", paper=_JIANG,
+    help="SAM only where ||g||^2 exceeds its running mean by c std (--ae-sam-*)",
+    default_rho=0.05, factory=sam_optax.ae_sam, in_protocol=False,
+    config_fields={**_ETA, "decay": "ae_sam_decay", "lambda_1": "ae_sam_lambda1",
+                   "lambda_2": "ae_sam_lambda2"},
+    second_passes=counted_in_state,
+))  # fmt: skip
+register(Variant(
+    name="esam", label="ESAM", color="#aec7e8", paper=_DU,
+    help="efficient SAM: a random fraction of the tensors perturbed (--esam-beta), the second "
+    "pass on the examples whose loss rose most (--esam-gamma)",
+    default_rho=0.05, factory=sam_optax.esam, in_protocol=False,
+    config_fields={**_ETA, "beta": "esam_beta", "seed": "seed"},
+    selection_field="esam_gamma",
+))  # fmt: skip
+register(Variant(
+    name="momentum_sam", label="Momentum-SAM", color="#98df8a", paper=_BECKER,
+    help="Momentum-SAM: the one gradient at w - rho n(momentum) (--momentum sets its buffer too)",
+    default_rho=0.3, factory=sam_optax.momentum_sam, in_protocol=False,
+    config_fields={**_ETA, "momentum": "momentum"},
+    second_passes=lambda ascends, options, state: len(ascends), first_pass=False,
+))  # fmt: skip

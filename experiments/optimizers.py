@@ -7,6 +7,8 @@ the base optimizer every variant shares. Late-phase SAM is a rho schedule (0, th
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,12 +117,12 @@ def build_optimizer(
     options = variant.options(config)
     if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
         options["adaptive"] = True
-    sam = variant.build(
-        rho_schedule(config, steps_per_epoch),
-        axis_name=axis_name,
-        sync_ascent=config.sync_ascent and axis_name is not None,
-        **options,
-    )
+    takes = inspect.signature(variant.factory).parameters
+    if "num_steps" in takes:  # a schedule over the run (AE-SAM's threshold)
+        options["num_steps"] = config.epochs * steps_per_epoch
+    if "sync_ascent" in takes:
+        options["sync_ascent"] = config.sync_ascent and axis_name is not None
+    sam = variant.build(rho_schedule(config, steps_per_epoch), axis_name=axis_name, **options)
     return optax.chain(sam, *tail)
 
 

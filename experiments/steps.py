@@ -89,6 +89,8 @@ def make_train_step(
     label_smoothing: float = 0.0,
     axis_name: str | None,
     micro_batch: int = 0,
+    first_pass: bool = True,
+    select_fraction: float = 1.0,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """One device's training step: ``step(state, images_uint8, labels, key) -> (state, metrics)``.
 
@@ -107,9 +109,13 @@ def make_train_step(
     `micro_batch` = m > 0 (m-sharpness): every m examples of the device's batch ascend from their
     own gradient (``tx.update(None, ..., micro_batches=...)`` of :func:`sam_optax.sam`); the
     loss, accuracy and BatchNorm statistics then come from a forward pass over the whole batch.
+    `first_pass=False` (Momentum-SAM, whose one gradient is at the perturbed weights): ``tx``
+    gets ``None`` for the gradient, and the metrics come from a forward pass at the weights.
+    `select_fraction` < 1 (ESAM's data selection): the perturbed pass differentiates that
+    fraction of the batch whose loss rose most (:func:`sam_optax.esam_selected_grad_fn`).
     """
 
-    def loss_fn(params, batch_stats, images, labels, rngs):
+    def per_example_loss_fn(params, batch_stats, images, labels, rngs):
         logits, new_model_state = model.apply(
             {"params": params, "batch_stats": batch_stats},
             images,
@@ -117,8 +123,14 @@ def make_train_step(
             rngs=rngs,
             mutable=["batch_stats"],
         )
-        loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
-        return loss, (logits, new_model_state.get("batch_stats", {}))
+        losses = cross_entropy(logits, labels, num_classes, label_smoothing)
+        return losses, (logits, new_model_state.get("batch_stats", {}))
+
+    def loss_fn(params, batch_stats, images, labels, rngs):
+        losses, (logits, batch_stats) = per_example_loss_fn(
+            params, batch_stats, images, labels, rngs
+        )
+        return losses.mean(), (logits, batch_stats, losses)
 
     grad_of_loss = jax.value_and_grad(loss_fn, has_aux=True)
     tx = optax.with_extra_args_support(tx)
@@ -132,10 +144,31 @@ def make_train_step(
             # Inside shard_map, jax.grad of replicated params would sum over devices.
             return params if axis_name is None else sam_optax.per_device(params, axis_name)
 
-        if micro_batch:
-            loss, (logits, batch_stats) = loss_fn(
+        def grad_fn(params):
+            # The pass at the perturbed weights: same batch, same rngs, stats discarded.
+            grads, _ = jax.grad(loss_fn, has_aux=True)(
+                local(params), state.batch_stats, images, labels, rngs
+            )
+            return grads
+
+        if micro_batch or not first_pass:
+            loss, (logits, batch_stats, _) = loss_fn(
                 state.params, state.batch_stats, images, labels, rngs
             )
+            grads = None
+        else:
+            (loss, (logits, batch_stats, losses)), grads = grad_of_loss(
+                local(state.params), state.batch_stats, images, labels, rngs
+            )
+            if select_fraction < 1:
+
+                def selection_loss_fn(params, batch):
+                    return per_example_loss_fn(local(params), state.batch_stats, *batch, rngs)[0]
+
+                grad_fn = sam_optax.esam_selected_grad_fn(
+                    selection_loss_fn, (images, labels), losses, select_fraction
+                )
+        if micro_batch:
 
             def micro_batch_grad_fn(params, batch):
                 grads, _ = jax.grad(loss_fn, has_aux=True)(
@@ -154,17 +187,6 @@ def make_train_step(
                 micro_batches=batches,
             )
         else:
-            (loss, (logits, batch_stats)), grads = grad_of_loss(
-                local(state.params), state.batch_stats, images, labels, rngs
-            )
-
-            def grad_fn(params):
-                # Second pass at the perturbed weights: same batch, same rngs, stats discarded.
-                grads, _ = jax.grad(loss_fn, has_aux=True)(
-                    local(params), state.batch_stats, images, labels, rngs
-                )
-                return grads
-
             updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
         params = optax.apply_updates(state.params, updates)
 

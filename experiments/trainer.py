@@ -216,6 +216,7 @@ def create_experiment(
             label_smoothing=config.label_smoothing,
             axis_name=steps.AXIS,
             micro_batch=config.sam_micro_batch,
+            **optimizer_registry.train_step_options(config.optimizer, config),
         )
         return parallel.shard_train_step(
             step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
