@@ -163,16 +163,9 @@ def ae_sam(
         steps = jnp.zeros([], jnp.int32)
         return AESAMState(count=steps, mean=zero, variance=zero, ascents=steps)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: AESAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: AESAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, AESAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         g = ascent.average(updates)
         square = jnp.square(tree.l2_norm(g)).astype(jnp.float32)
@@ -209,4 +202,4 @@ def ae_sam(
         out, eps = jax.lax.cond(ascend, sam_branch, gradient_branch)
         return ascent.rescale(out, g, params, eps), new_state(ascend)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)

@@ -418,6 +418,27 @@ class Ascent:
             )
         return params
 
+    def transformation(
+        self, init_fn: Callable[[optax.Params], Any], update: Callable[..., tuple[Any, Any]]
+    ) -> optax.GradientTransformationExtraArgs:
+        """A variant's optax transformation: `init_fn`, and an ``update_fn(updates, state,
+        params=None, *, grad_fn=None, **extra_args)`` that runs :meth:`check_update_inputs` (with
+        the state's step count) and then ``update(updates, state, params, grad_fn)``."""
+
+        def update_fn(
+            updates: optax.Updates | None,
+            state: Any,
+            params: optax.Params | None = None,
+            *,
+            grad_fn: GradFn | None = None,
+            **extra_args: Any,
+        ) -> tuple[optax.Updates, Any]:
+            del extra_args
+            params = self.check_update_inputs(updates, params, grad_fn, state.count)
+            return update(updates, state, params, grad_fn)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
     # -- the perturbed gradient ---------------------------------------------------------------
 
     def average(self, values: Any) -> Any:

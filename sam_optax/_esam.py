@@ -122,16 +122,9 @@ def esam(
         del params
         return ESAMState(count=jnp.zeros([], jnp.int32), key=jax.random.PRNGKey(seed))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: ESAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: ESAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, ESAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         key, draw_key = jax.random.split(state.key)
         new_state = ESAMState(count=optax.safe_increment(state.count), key=key)
@@ -146,7 +139,7 @@ def esam(
         g_p, eps = ascent.perturbed_gradient(direction, updates, params, grad_fn, radius)
         return ascent.rescale(ascent.average(g_p), g, params, eps), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)
 
 
 def esam_selected_grad_fn(

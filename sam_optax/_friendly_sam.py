@@ -8,7 +8,7 @@ the parameters' dtype if wider).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,16 +97,9 @@ def friendly_sam(
     def init_fn(params: optax.Params) -> FriendlySAMState:
         return FriendlySAMState(count=jnp.zeros([], jnp.int32), m=_ascent.zero_buffers(params))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: FriendlySAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: FriendlySAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, FriendlySAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         first = state.count == 0
         # The first step: d = g and m = g (m_prev is 0 there).
@@ -126,4 +119,4 @@ def friendly_sam(
         out = ascent.rescale(ascent.average(g_p), g, params, eps)
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)

@@ -9,7 +9,7 @@ the parameters' dtype if wider).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,16 +101,9 @@ def gsam(
         del params
         return GSAMState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: GSAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: GSAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, GSAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         new_state = GSAMState(count=optax.safe_increment(state.count))
         g = ascent.average(updates)
@@ -135,7 +128,7 @@ def gsam(
         out = ascent.rescale(tree.cast_like(out, updates), g, params, eps)
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)
 
 
 def gsam_rho_schedule(

@@ -133,16 +133,9 @@ def looksam(
     def init_fn(params: optax.Params) -> LookSAMState:
         return LookSAMState(count=jnp.zeros([], jnp.int32), g_v=_ascent.zero_buffers(params))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: LookSAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: LookSAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, LookSAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         count = optax.safe_increment(state.count)
         g = ascent.average(updates)
@@ -174,4 +167,4 @@ def looksam(
         out = ascent.rescale(out, g, params, eps)
         return out, LookSAMState(count=count, g_v=g_v)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)

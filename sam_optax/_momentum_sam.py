@@ -7,7 +7,7 @@ the pytree and accumulated in float32 (or the parameters' dtype if wider).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,16 +132,12 @@ def momentum_sam(
             count=jnp.zeros([], jnp.int32), momentum=_ascent.zero_buffers(params)
         )
 
-    def update_fn(
+    def update(
         updates: optax.Updates | None,
         state: MomentumSAMState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+        params: optax.Params,
+        grad_fn: GradFn,
     ) -> tuple[optax.Updates, MomentumSAMState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         if stable and updates is None:
             raise TypeError(STABLE_NEEDS_UPDATES)
         rho_now = ascent.rho_at(state.count)
@@ -171,4 +167,4 @@ def momentum_sam(
         )
         return out, MomentumSAMState(count=optax.safe_increment(state.count), momentum=new_momentum)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)

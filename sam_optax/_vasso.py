@@ -8,7 +8,7 @@ the parameters' dtype if wider).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,16 +96,9 @@ def vasso(
     def init_fn(params: optax.Params) -> VaSSOState:
         return VaSSOState(count=jnp.zeros([], jnp.int32), d=_ascent.zero_buffers(params))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: VaSSOState,
-        params: optax.Params | None = None,
-        *,
-        grad_fn: GradFn | None = None,
-        **extra_args: Any,
+    def update(
+        updates: optax.Updates, state: VaSSOState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, VaSSOState]:
-        del extra_args
-        params = ascent.check_update_inputs(updates, params, grad_fn, state.count)
         rho_now = ascent.rho_at(state.count)
         # The first step: d = g (d_prev is 0 there).
         theta_now = jnp.where(state.count == 0, 1.0, jnp.asarray(theta, jnp.float32))
@@ -123,4 +116,4 @@ def vasso(
         out = ascent.rescale(ascent.average(g_p), g, params, eps)
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return ascent.transformation(init_fn, update)
