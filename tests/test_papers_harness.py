@@ -179,7 +179,7 @@ def test_label_noise_defaults_are_the_cpu_protocol_over_the_registry():
     assert overridden.rho == {"sam": 0.1} and overridden.base.epochs == 5
     with pytest.raises(SystemExit):
         label_noise.parse_args(["--rho", "nosuch=0.1"])
-    assert {"label_noise", "late_phase_fashion"} <= set(refresh_figures.FIGURES)
+    assert {"label_noise", "late_phase_fashion", "efficiency"} <= set(refresh_figures.FIGURES)
 
 
 @pytest.mark.slow

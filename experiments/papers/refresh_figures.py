@@ -4,9 +4,9 @@
     python -m experiments.papers.refresh_figures quadratic  # some of them
 
 The small ones take a few minutes on a CPU; ``label_noise`` (the optimizers' table on
-Fashion-MNIST) and ``late_phase_fashion`` train through the harness and take about 40 and 15
-minutes on an idle 2-core CPU (their runs are kept under ``<folder>/runs/``, git-ignored, and
-reused when the command is repeated).
+Fashion-MNIST), ``late_phase_fashion`` and ``efficiency`` (the efficient-SAM frontier) train
+through the harness and take about 40, 15 and 45 minutes on an idle 2-core CPU (their runs are
+kept under ``<folder>/runs/``, git-ignored, and reused when the command is repeated).
 
 Each experiment runs with its default flags (the quadratic once more with gradient noise) and
 writes its PNG figures and Markdown report to ``experiments/figures/<name>/``; the CSV and JSON
@@ -19,7 +19,14 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
-from experiments.papers import instability, label_noise, late_phase, late_phase_fashion, quadratic
+from experiments.papers import (
+    efficiency,
+    instability,
+    label_noise,
+    late_phase,
+    late_phase_fashion,
+    quadratic,
+)
 
 FIGURES_DIR = os.path.join("experiments", "figures")
 
@@ -31,6 +38,7 @@ FIGURES: dict[str, tuple[Callable[[Sequence[str]], dict], list[str]]] = {
     "late_phase": (late_phase.main, []),
     "label_noise": (label_noise.main, []),
     "late_phase_fashion": (late_phase_fashion.main, []),
+    "efficiency": (efficiency.main, []),
 }
 
 
