@@ -555,12 +555,16 @@ def write_results(
     loads: Mapping[str, Any],
     notes: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
+    has_gpu_rows: bool = False,
 ) -> None:
     """Prints the tables and writes ``<name>.csv`` (the first table, every column; further
     tables as ``<name>_<heading>.csv``), ``<name>.md`` (all tables, machine, command, notes) and
-    ``<name>.json`` (everything)."""
+    ``<name>.json`` (everything). `has_gpu_rows`: the tables have rows for a GPU, which a run on
+    a CPU leaves out (a note says so)."""
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
+    if has_gpu_rows and machine["jax_backend"] == "cpu":
+        notes = [*notes, "GPU rows were not measured here (no GPU on this machine)."]
     command = reporting.command_line()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# {title}", "", f"`{command}` ({stamp})", "", machine_markdown(machine, loads), ""]

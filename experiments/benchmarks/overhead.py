@@ -236,8 +236,6 @@ def main(argv=None) -> None:
         "sgd augments the batch and updates the weights once per pass pair; its doubled time "
         "counts those twice, so sam / (2 x sgd) may be slightly below 1.",
     ]
-    if common.machine_info()["jax_backend"] == "cpu":
-        notes.append("GPU rows were not measured here (no GPU on this machine).")
     common.write_results(
         "overhead" if not args.quick else "overhead_quick",
         title="SAM overhead over two SGD passes",
@@ -273,6 +271,7 @@ def main(argv=None) -> None:
         loads=loads,
         notes=notes,
         extra={"configurations": config_rows, "samples": raw},
+        has_gpu_rows=True,
     )
 
 

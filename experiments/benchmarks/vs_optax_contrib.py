@@ -166,8 +166,6 @@ def main(argv=None) -> None:
         "output + temp - alias (the donated training state is aliased). opt_state_mib: what "
         "each optimizer keeps between steps.",
     ]
-    if common.machine_info()["jax_backend"] == "cpu":
-        notes.append("GPU rows were not measured here (no GPU on this machine).")
     common.write_results(
         "vs_optax_contrib" if not args.quick else "vs_optax_contrib_quick",
         title="sam_optax.sam vs optax.contrib.sam (opaque mode)",
@@ -201,6 +199,7 @@ def main(argv=None) -> None:
         loads=loads,
         notes=notes,
         extra={"samples": raw},
+        has_gpu_rows=True,
     )
 
 
