@@ -198,6 +198,14 @@ def run_all(args: EfficiencyConfig) -> list[dict[str, Any]]:
 METRICS = {"final": "final_test_accuracy", "best_val": "test_accuracy_at_best_val"}
 
 
+def median_train_time(results: Sequence[Mapping[str, Any]], method: str) -> float:
+    """The median training time of a method's finished runs, over every seed and noise rate:
+    the runs share a machine with whatever else runs on it, and the median of several runs is
+    robust to a burst of load during one of them (NaN where none finished)."""
+    times = [r["train_time_s"] for r in results if r["method"] == method and not r["diverged"]]
+    return float(np.median(times)) if times else float("nan")
+
+
 def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> list[dict]:
     """One row per (method, noise rate): means, stds, costs and the share of SAM's gain."""
     table = []
@@ -221,9 +229,7 @@ def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> l
                 if finished
                 else float("nan")
             )
-            entry["train_time_s"] = (
-                float(np.mean([r["train_time_s"] for r in finished])) if finished else float("nan")
-            )
+            entry["train_time_s"] = median_train_time(results, method)
             stats[method] = entry
         base, sam = stats[BASELINE], stats[FULL_SAM]
         for entry in stats.values():
