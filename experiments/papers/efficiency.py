@@ -459,8 +459,9 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "",
         f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
         f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs ({trained} "
-        f"trained now). Gradient evaluations are counted exactly; training times are each run's "
-        f"own (the sum of its epochs, without compilation and evaluation) on this shared machine.",
+        f"trained now). Gradient evaluations are counted exactly. A method's training time is "
+        "the median over its runs (every seed and noise rate) of each run's own, the sum of its "
+        "epochs without compilation and evaluation, relative to SGD's; the same in both tables.",
         "",
     ]
     for rate in args.noise_rates:
