@@ -166,3 +166,33 @@ def test_efficiency_end_to_end(tmp_path, fashion_dir):
     assert "Target (90 % of SAM's final-epoch gain" in report and "Machine:" in report
     again = efficiency.main([*flags, "--methods", "every2", "late50", "m16"])
     assert not any(r["trained"] for r in again["results"])
+
+
+@pytest.mark.parametrize(
+    "optimizer, overrides",
+    [
+        ("ae_sam", {}),
+        ("esam", {}),
+        ("momentum_sam", {}),
+        ("sam", dict(sam_probability=0.5)),
+    ],
+)
+def test_stopped_and_resumed_runs_match_the_straight_run(
+    tmp_path, fashion_dir, optimizer, overrides
+):
+    def run(name, **extra):
+        config = fashion_config(
+            fashion_dir,
+            optimizer=optimizer,
+            num_devices=2,
+            output_dir=str(tmp_path / name),
+            **overrides,
+            **extra,
+        )
+        return trainer.train_and_evaluate(config)
+
+    straight = run("straight")
+    assert run("resumed", stop_after_epoch=1)["completed"] is False
+    resumed = run("resumed", resume=True)
+    for key in ("final_test_accuracy", "final_train_loss", "gradient_evaluations"):
+        assert resumed[key] == straight[key], key
