@@ -26,6 +26,7 @@ from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._momentum_sam import MomentumSAMState, momentum_sam
 from sam_optax._parallel import per_device
 from sam_optax._sam import SAMState, asam, perturbation, sam, stable_sam, usam
+from sam_optax._sparse_sam import SparseSAMState, sparse_sam
 from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
 from sam_optax._vasso import VaSSOState, vasso
 
@@ -56,7 +57,9 @@ __all__ = [
     "AESAMState",
     "ESAMState",
     "MomentumSAMState",
+    "SparseSAMState",
     "ae_sam",
+    "sparse_sam",
     "esam",
     "esam_selected_grad_fn",
     "momentum_sam",
