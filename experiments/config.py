@@ -151,6 +151,13 @@ class TrainConfig:
     ae_sam_lambda2: float = _field(
         1.0, "AE-SAM's threshold c at the last step (linear in between)."
     )
+    sparse_sam_sparsity: float = _field(
+        0.5, "Sparse SAM's sparsity, the share of the coordinates not perturbed (0: SAM)."
+    )
+    sparse_sam_update_epochs: int = _field(
+        1, "Sparse SAM: refresh the mask every N epochs (its official runs: 1)."
+    )
+    sparse_sam_drop_rate: float = _field(0.5, "SSAM-D's initial drop rate of the mask.")
     esam_beta: float = _field(
         0.6, "ESAM's beta, the probability that a parameter tensor is perturbed (1: every one)."
     )
@@ -389,6 +396,14 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
                 f"--sam-micro-batch needs a variant of sam_optax.sam (e.g. --optimizer sam), not "
                 f"--optimizer {config.optimizer}."
             )
+    if not 0 <= config.sparse_sam_sparsity < 1:
+        errors.append(
+            f"--sparse-sam-sparsity must lie in [0, 1) (0: SAM), got {config.sparse_sam_sparsity}."
+        )
+    if config.sparse_sam_update_epochs < 1:
+        errors.append(
+            f"--sparse-sam-update-epochs must be >= 1, got {config.sparse_sam_update_epochs}."
+        )
     if config.esam_beta == 0 or config.esam_gamma == 0:
         errors.append("--esam-beta and --esam-gamma must be > 0 (1 turns each part of ESAM off).")
     if config.ascent_steps < 1:
@@ -403,6 +418,7 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
         ("--vasso-theta", config.vasso_theta, 0.0, 1.0),
         ("--ae-sam-decay", config.ae_sam_decay, 0.0, 1.0),
         ("--esam-beta", config.esam_beta, 0.0, 1.0),
+        ("--sparse-sam-drop-rate", config.sparse_sam_drop_rate, 0.0, 1.0),
         ("--esam-gamma", config.esam_gamma, 0.0, 1.0),
     ):
         if not (math.isfinite(value) and low <= value <= high):

@@ -79,6 +79,9 @@ class Variant:
     # Whether each step evaluates the gradient at the weights themselves (one pass) before the
     # ascent.
     first_pass: bool = True
+    # Factory keywords that depend on the run's length as well as on its config:
+    # ``run_options(config, steps_per_epoch) -> {keyword: value}``.
+    run_options: Callable[[Any, int], Mapping[str, Any]] | None = None
     # The TrainConfig field of the fraction of each batch that the second pass differentiates
     # (ESAM's data selection; None: the whole batch).
     selection_field: str | None = None
@@ -320,3 +323,21 @@ register(Variant(
     config_fields={**_ETA, "momentum": "momentum"},
     second_passes=lambda ascends, options, state: len(ascends), first_pass=False,
 ))  # fmt: skip
+
+_MI = "Mi et al., NeurIPS 2022"
+
+
+def _sparse_sam_run_options(config: Any, steps_per_epoch: int) -> Mapping[str, Any]:
+    return dict(update_every=config.sparse_sam_update_epochs * steps_per_epoch)
+
+
+for _mask, _label, _color in (("fisher", "SSAM-F", "#c5b0d5"), ("dynamic", "SSAM-D", "#c49c94")):
+    register(Variant(
+        name=f"sparse_sam_{_mask}", label=_label, color=_color, paper=_MI,
+        help=f"Sparse SAM with the {_mask} mask ({_label}; --sparse-sam-*)",
+        default_rho=0.05, factory=sam_optax.sparse_sam, in_protocol=False,
+        knobs=dict(mask=_mask),
+        config_fields={**_ETA, "sparsity": "sparse_sam_sparsity",
+                       "drop_rate": "sparse_sam_drop_rate", "seed": "seed"},
+        run_options=_sparse_sam_run_options,
+    ))  # fmt: skip

@@ -118,8 +118,10 @@ def build_optimizer(
     if config.adaptive:  # --adaptive forces ASAM's scaling onto any variant
         options["adaptive"] = True
     takes = inspect.signature(variant.factory).parameters
-    if "num_steps" in takes:  # a schedule over the run (AE-SAM's threshold)
+    if "num_steps" in takes:  # a schedule over the run (AE-SAM's threshold, SSAM-D's drops)
         options["num_steps"] = config.epochs * steps_per_epoch
+    if variant.run_options is not None:
+        options.update(variant.run_options(config, steps_per_epoch))
     if "sync_ascent" in takes:
         options["sync_ascent"] = config.sync_ascent and axis_name is not None
     sam = variant.build(rho_schedule(config, steps_per_epoch), axis_name=axis_name, **options)
