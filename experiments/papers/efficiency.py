@@ -79,7 +79,7 @@ def _methods() -> dict[str, Method]:
         if name in optimizer_registry.names():
             methods[name] = Method(label, name, family=name)
     for m in (16, 1):
-        methods[f"m{m}"] = Method(f"SAM, m = {m}", "sam", dict(sam_micro_batch=m), "m_sharpness")
+        methods[f"m{m}"] = Method(f"SAM, m = {m}", "sam", dict(sam_micro_batch=m), "sam")
     return methods
 
 
@@ -88,7 +88,7 @@ BASELINE, FULL_SAM = "sgd", "sam"
 FAMILY_COLORS = {
     "sgd": "k", "sam": "C1", "stable_sam": "C0", "late": "C2", "every": "C3", "looksam": "C7",
     "rst": "C4", "ae_sam": "C5", "esam": "C6", "momentum_sam": "C8", "sparse_sam_fisher": "C9",
-    "sparse_sam_dynamic": "#17becf", "m_sharpness": "#8c564b",
+    "sparse_sam_dynamic": "#393b79",
 }  # fmt: skip
 # The target: this share of full SAM's gain at no more than this many gradient evaluations
 # relative to SGD.
@@ -298,58 +298,76 @@ def markdown_table(table: Sequence[Mapping[str, Any]], rate: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# Below SGD's accuracy by more than this many points, a method is left off the plot's range
+# (and named under it), so that the methods near SGD and SAM stay legible.
+PLOT_RANGE_BELOW_SGD = 6.0
+MARKERS = "osD^v<>"
+
+
+def _marker(method: str) -> str:
+    """The marker of a method: the families share a colour, their members differ in shape."""
+    family = METHODS[method].family
+    members = [m for m in METHODS if METHODS[m].family == family]
+    return MARKERS[members.index(method) % len(MARKERS)]
+
+
 def plot_frontier(
     table: Sequence[Mapping[str, Any]], args: EfficiencyConfig, rate: float, path: str
 ) -> None:
     """Test accuracy (rows: final, best validation) against the cost (columns: gradient
-    evaluations, training time; both relative to SGD), the Pareto front drawn."""
+    evaluations, training time on a log scale; both relative to SGD), the Pareto front drawn
+    and its points named; one legend for every method."""
     plt = reporting.pyplot()
     entries = [e for e in table if e["noise_rate"] == rate]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey="row")
-    for row, (key, title) in enumerate(
-        (("final", "final epoch"), ("best_val", "best validation epoch"))
-    ):
-        for col, (cost, xlabel) in enumerate(
-            (
-                ("gradient_evaluations_vs_sgd", "gradient evaluations relative to SGD"),
-                ("train_time_vs_sgd", "training time relative to SGD (this machine)"),
-            )
-        ):
+    sgd = next(e for e in entries if e["method"] == BASELINE)
+    sam = next(e for e in entries if e["method"] == FULL_SAM)
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharey="row")
+    metrics = (("final", "final epoch"), ("best_val", "best validation epoch"))
+    costs = (
+        ("gradient_evaluations_vs_sgd", "gradient evaluations relative to SGD"),
+        ("train_time_vs_sgd", "training time relative to SGD (log scale; this machine)"),
+    )
+    for row, (key, title) in enumerate(metrics):
+        floor = 100 * sgd[f"{key}_mean"] - PLOT_RANGE_BELOW_SGD
+        shown = [e for e in entries if 100 * e[f"{key}_mean"] >= floor]
+        left_off = [e["label"] for e in entries if 100 * e[f"{key}_mean"] < floor]
+        for col, (cost, xlabel) in enumerate(costs):
             ax = axes[row][col]
-            drawn = [e for e in entries if np.isfinite(e[cost])]
+            drawn = [e for e in shown if np.isfinite(e[cost])]
             points = [(e[cost], 100 * e[f"{key}_mean"]) for e in drawn]
             for e, (x, y) in zip(drawn, points, strict=True):
-                color = FAMILY_COLORS.get(METHODS[e["method"]].family, "C0")
-                ax.errorbar(x, y, yerr=100 * e[f"{key}_std"], fmt="o", color=color, capsize=2, ms=5)
-                ax.annotate(
-                    e["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
-                )
+                ax.errorbar(
+                    x, y, yerr=100 * e[f"{key}_std"], fmt=_marker(e["method"]), capsize=2, ms=6,
+                    color=FAMILY_COLORS.get(METHODS[e["method"]].family, "C0"),
+                    label=e["label"] if row == 0 and col == 0 else None,
+                )  # fmt: skip
             front = pareto_front(points)
-            ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8,
-                    label="Pareto front")  # fmt: skip
-            sgd = next(e for e in entries if e["method"] == BASELINE)
-            sam = next(e for e in entries if e["method"] == FULL_SAM)
-            target = 100 * (
-                sgd[f"{key}_mean"] + TARGET_SHARE * (sam[f"{key}_mean"] - sgd[f"{key}_mean"])
-            )
+            ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8)
+            for i in front:
+                ax.annotate(drawn[i]["label"], points[i], fontsize=7, xytext=(4, -10),
+                            textcoords="offset points")  # fmt: skip
             if col == 0 and sam[f"{key}_mean"] > sgd[f"{key}_mean"]:
-                # The target's corner: accuracy above the line, cost left of it.
-                ax.axhline(
-                    target,
-                    color="g",
-                    ls=":",
-                    lw=1,
-                    label=f"{100 * TARGET_SHARE:.0f} % of SAM's gain",
-                )
-                ax.axvline(TARGET_COST, color="g", ls=":", lw=1, label=f"{TARGET_COST}x SGD")
+                # The target's corner: accuracy above the line, cost left of the other.
+                gain = sam[f"{key}_mean"] - sgd[f"{key}_mean"]
+                ax.axhline(100 * (sgd[f"{key}_mean"] + TARGET_SHARE * gain), color="g", ls=":")
+                ax.axvline(TARGET_COST, color="g", ls=":")
+            if col == 1:
+                ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"test accuracy (%) at the {title}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+            if left_off:
+                ax.set_title(f"below the range: {', '.join(left_off)}", fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="k", ls="--", lw=0.8))
+    labels.append("Pareto front (its points named)")
+    handles.append(plt.Line2D([], [], color="g", ls=":"))
+    labels.append(f"target: {100 * TARGET_SHARE:.0f} % of SAM's gain at <= {TARGET_COST}x")
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     noise = label_noise.noise_label(rate, args.base.label_noise_mode)
     protocol = label_noise.protocol_title(args.base)
     fig.suptitle(f"{noise}: {protocol}; mean ± std over {args.seeds} seeds", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -459,10 +477,11 @@ def claims(table: Sequence[Mapping[str, Any]], rate: float) -> list[str]:
 def write_report(table, results, args, seconds, loads, out) -> None:
     trained = sum(r["trained"] for r in results)
     rho_of = {r["method"]: r["rho"] for r in results if r["method"] != BASELINE}
-    rhos = ", ".join(
-        f"{rho:g} for {', '.join(METHODS[m].label for m, r in rho_of.items() if r == rho)}"
-        for rho in sorted(set(rho_of.values()))
-    )
+    usual = max(set(rho_of.values()), key=list(rho_of.values()).count)
+    others = [f"{METHODS[m].label} {rho:g}" for m, rho in rho_of.items() if rho != usual]
+    rhos = f"{usual:g}" + (f"; {', '.join(others)}" if others else "")
+    sgd_times = [r["train_time_s"] for r in results if r["method"] == BASELINE]
+    run_minutes = sum(r["wall_time_s"] for r in results) / 60
     lines = [
         "# The efficient-SAM frontier on Fashion-MNIST, CPU scale",
         "",
@@ -477,10 +496,13 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "`runs/<noise>/<method>-s<seed>/`.",
         "",
         f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
-        f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs ({trained} "
-        f"trained now). Gradient evaluations are counted exactly. A method's training time is "
-        "the median over its runs (every seed and noise rate) of each run's own, the sum of its "
-        "epochs without compilation and evaluation, relative to SGD's; the same in both tables.",
+        f"{loads[1]} at the end. {len(results)} runs, {trained} of them trained by this command "
+        f"(its wall time {seconds:.0f} s); the runs' own wall times add up to "
+        f"{run_minutes:.0f} min. Gradient evaluations are counted exactly. A method's training "
+        "time is the median over its runs (every seed and noise rate) of each run's own, the "
+        "sum of its epochs without compilation and evaluation, relative to SGD's; the same in "
+        f"both tables. The machine is shared, so these times are rough: SGD's {len(sgd_times)} "
+        f"runs took {min(sgd_times):.1f} to {max(sgd_times):.1f} s.",
         "",
     ]
     for rate in args.noise_rates:
