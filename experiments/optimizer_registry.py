@@ -70,6 +70,9 @@ class Variant:
     # Among the variants the StableSAM protocol's sweep compares by default (the others are
     # there to pick with --optimizers).
     in_protocol: bool = True
+    # One of the cheaper variants, compared by experiments.papers.efficiency (the label-noise
+    # table keeps to the others).
+    cheaper: bool = False
     # The grad_fn evaluations of a run beyond the first gradient of each step, from whether each
     # step ascends (rho > 0), the factory's options and the variant's final state (see
     # :func:`every_ascending_step`).
@@ -301,7 +304,7 @@ _JIANG = "Jiang et al., ICLR 2023"
 _DU = "Du et al., ICLR 2022"
 _BECKER = "Becker et al., TMLR 2024"
 register(Variant(
-    name="ae_sam", label="AE-SAM", color="#e377c2", paper=_JIANG,
+    name="ae_sam", cheaper=True, label="AE-SAM", color="#e377c2", paper=_JIANG,
     help="SAM only where ||g||^2 exceeds its running mean by c std (--ae-sam-*)",
     default_rho=0.05, factory=sam_optax.ae_sam, in_protocol=False,
     config_fields={**_ETA, "decay": "ae_sam_decay", "lambda_1": "ae_sam_lambda1",
@@ -309,7 +312,7 @@ register(Variant(
     second_passes=counted_in_state,
 ))  # fmt: skip
 register(Variant(
-    name="esam", label="ESAM", color="#aec7e8", paper=_DU,
+    name="esam", cheaper=True, label="ESAM", color="#aec7e8", paper=_DU,
     help="efficient SAM: a random fraction of the tensors perturbed (--esam-beta), the second "
     "pass on the examples whose loss rose most (--esam-gamma)",
     default_rho=0.05, factory=sam_optax.esam, in_protocol=False,
@@ -317,7 +320,7 @@ register(Variant(
     selection_field="esam_gamma",
 ))  # fmt: skip
 register(Variant(
-    name="momentum_sam", label="Momentum-SAM", color="#98df8a", paper=_BECKER,
+    name="momentum_sam", cheaper=True, label="Momentum-SAM", color="#98df8a", paper=_BECKER,
     help="Momentum-SAM: the one gradient at w - rho n(momentum) (--momentum sets its buffer too)",
     default_rho=0.3, factory=sam_optax.momentum_sam, in_protocol=False,
     config_fields={**_ETA, "momentum": "momentum"},
@@ -336,7 +339,7 @@ for _mask, _label, _color in (("fisher", "SSAM-F", "#c5b0d5"), ("dynamic", "SSAM
         name=f"sparse_sam_{_mask}", label=_label, color=_color, paper=_MI,
         help=f"Sparse SAM with the {_mask} mask ({_label}; --sparse-sam-*)",
         default_rho=0.05, factory=sam_optax.sparse_sam, in_protocol=False,
-        knobs=dict(mask=_mask),
+        knobs=dict(mask=_mask), cheaper=True,
         config_fields={**_ETA, "sparsity": "sparse_sam_sparsity",
                        "drop_rate": "sparse_sam_drop_rate", "seed": "seed"},
         run_options=_sparse_sam_run_options,

@@ -40,6 +40,10 @@ others = [
     sam_optax.gsam(sam_optax.gsam_rho_schedule(0.1, 0.05, lr_max=0.1), alpha=0.1),
     sam_optax.looksam(0.05, k=5),
     sam_optax.vasso(optax.linear_schedule(0.0, 0.05, 100)),
+    sam_optax.ae_sam(0.05, num_steps=100),
+    sam_optax.esam(0.05, beta=0.6, seed=0),
+    sam_optax.momentum_sam(0.3, momentum=0.9),
+    sam_optax.sparse_sam(0.05, 0.5, mask="dynamic", update_every=10, num_steps=100),
 ]
 eps = sam_optax.perturbation(updates, params, rho=0.05)
 """

@@ -83,7 +83,9 @@ DEFAULT_OPTIMIZERS: tuple[str, ...] = (
     *(
         n
         for n in optimizer_registry.names()
-        if not optimizer_registry.get(n).in_protocol and not n.startswith("stable_")
+        if not optimizer_registry.get(n).in_protocol
+        and not optimizer_registry.get(n).cheaper
+        and not n.startswith("stable_")
     ),
 )
 
