@@ -302,7 +302,7 @@ _register_with_stable_form(Variant(
 
 _JIANG = "Jiang et al., ICLR 2023"
 _DU = "Du et al., ICLR 2022"
-_BECKER = "Becker et al., TMLR 2024"
+_BECKER = "Becker et al., 2024"
 register(Variant(
     name="ae_sam", cheaper=True, label="AE-SAM", color="#e377c2", paper=_JIANG,
     help="SAM only where ||g||^2 exceeds its running mean by c std (--ae-sam-*)",
