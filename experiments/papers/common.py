@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data, optimizer_registry
+from experiments import data, optimizer_registry, runtime
 
 DATASETS = ("digits", "mnist5k")
 
@@ -111,8 +111,15 @@ def make_output_dir(path: str) -> str:
 
 
 class Stopwatch:
+    """A command's wall time and the machine's load averages, from its start."""
+
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        self.load_start = runtime.load_average()
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+    def loads(self) -> tuple[Any, Any]:
+        """The load averages at the start and now."""
+        return self.load_start, runtime.load_average()

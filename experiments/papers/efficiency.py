@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -532,8 +531,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    start = time.perf_counter()
-    load_start = runtime.load_average()
+    clock = common.Stopwatch()
     out = common.make_output_dir(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
@@ -541,8 +539,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tag = label_noise.noise_tag(rate, args.base.label_noise_mode)
         plot_frontier(table, args, rate, os.path.join(out, f"{NAME}_{tag}.png"))
     reporting.write_csv(os.path.join(out, "table.csv"), table)
-    seconds = time.perf_counter() - start
-    write_report(table, results, args, seconds, (load_start, runtime.load_average()), out)
+    seconds = clock.seconds()
+    write_report(table, results, args, seconds, clock.loads(), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, table=table,

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -551,15 +550,14 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    start = time.perf_counter()
-    load_start = runtime.load_average()
+    clock = common.Stopwatch()
     out = common.make_output_dir(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
     plot_accuracy(table, args, out)
     plot_curves(results, args, out)
-    seconds = time.perf_counter() - start
-    write_report(table, results, args, seconds, (load_start, runtime.load_average()), out)
+    seconds = clock.seconds()
+    write_report(table, results, args, seconds, clock.loads(), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -397,8 +396,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    start = time.perf_counter()
-    load_start = runtime.load_average()
+    clock = common.Stopwatch()
     out = common.make_output_dir(args.output_dir)
     rows = run_all(args)
     summary = summarize(rows, args)
@@ -408,8 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     reporting.write_table(summary, os.path.join(out, f"{NAME}_summary.csv"))
     plot(rows, summary, args, out)
-    seconds = time.perf_counter() - start
-    write_report(rows, summary, args, seconds, (load_start, runtime.load_average()), out)
+    seconds = clock.seconds()
+    write_report(rows, summary, args, seconds, clock.loads(), out)
     reporting.write_json(
         os.path.join(out, f"{NAME}.json"),
         dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, runs=rows),
