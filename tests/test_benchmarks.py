@@ -60,6 +60,7 @@ def read_csv(path) -> list[dict[str, str]]:
         ("scaling", 2),  # 1 and 2 devices
         ("conv_probe", None),  # XLA, and PyTorch where installed
         ("harness_overhead", 3),  # bare, harness, harness_no_bar
+        ("switching_cost", 9),  # 9 methods on the MLP
     ],
 )
 def test_script_runs_and_writes_results(name, expected_rows, tmp_path):
@@ -77,6 +78,10 @@ def test_script_runs_and_writes_results(name, expected_rows, tmp_path):
         assert ratios["sam / (2 x sgd)"] == pytest.approx(1.0, abs=0.02)
         assert ratios["ssam / sam"] == pytest.approx(1.0, abs=0.02)
         assert ratios["rho0 / sgd"] == pytest.approx(1.0, abs=0.02)
+    if name == "switching_cost":
+        passes = {r["method"]: float(r["gradients_vs_sgd"]) for r in rows}
+        assert passes["sgd"] == passes["momentum_sam"] == 1.0 and passes["sam"] == 2.0
+        assert passes["every5"] == passes["every5_in_step"] < 1.5
     if name == "harness_overhead":
         assert [r["config"] for r in rows] == ["bare", "harness", "harness_no_bar"]
         assert float(rows[0]["ratio_to_bare"]) == 1.0

@@ -25,6 +25,7 @@ SCRIPTS: dict[str, dict[str, list[str] | None]] = {
     "scaling": {"cpu": [], "gpu": None},
     "conv_probe": {"cpu": [], "gpu": None},
     "harness_overhead": {"cpu": [], "gpu": []},
+    "switching_cost": {"cpu": [], "gpu": []},
 }
 
 
