@@ -56,12 +56,12 @@ def _ranks(scores: jax.Array) -> jax.Array:
     return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
 
 
-def top_k_mask(scores: Any, k: int) -> Any:
+def top_k_mask(scores: Any, k: Any) -> Any:
     """True on the k largest scores over the whole pytree (one boolean array per leaf)."""
     return _unflat(_ranks(_flat(scores)) < k, scores)
 
 
-def random_mask(key: jax.Array, params: Any, k: int) -> Any:
+def random_mask(key: jax.Array, params: Any, k: Any) -> Any:
     """True on k coordinates drawn uniformly without replacement over the whole pytree."""
     return top_k_mask(_unflat(jax.random.uniform(key, (_size(params),)), params), k)
 
@@ -72,7 +72,7 @@ def drop_rate_at(count: jax.Array, drop_rate: Any, num_steps: int) -> jax.Array:
     return jnp.asarray(drop_rate, jnp.float32) * (1 + jnp.cos(jnp.pi * progress)) / 2
 
 
-def dynamic_update(mask: Any, g: Any, key: jax.Array, death_rate: jax.Array, k: int) -> Any:
+def dynamic_update(mask: Any, g: Any, key: jax.Array, death_rate: jax.Array, k: Any) -> Any:
     """SSAM-D's refresh: of the k live coordinates, keep the largest |g| but floor(k death_rate);
     revive as many at random among the others, so that k stay live."""
     live = _flat(mask)
@@ -87,6 +87,15 @@ def _size(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def _positive_int(value: Any) -> bool:
+    """An int >= 1, or an integer array (e.g. from `inject_hyperparams`; traced ones pass)."""
+    if isinstance(value, jax.core.Tracer):
+        return jnp.issubdtype(value.dtype, jnp.integer)
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return jnp.issubdtype(value.dtype, jnp.integer) and value.ndim == 0 and int(value) >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_sparse_args(sparsity: Any, mask: str, update_every: Any, num_steps: Any) -> None:
     hint = (
         "E.g. sparse_sam(rho=0.05, sparsity=0.5, mask='fisher', update_every=1000) or "
@@ -97,11 +106,9 @@ def _check_sparse_args(sparsity: Any, mask: str, update_every: Any, num_steps: A
         raise ValueError(f"sparsity must be < 1 (sparsity 1 perturbs nothing). {hint}")
     if mask not in MASK_RULES:
         raise ValueError(f"mask must be one of {MASK_RULES}, got {mask!r}. {hint}")
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    if not _positive_int(update_every):
         raise ValueError(f"update_every must be an int >= 1 (steps), got {update_every!r}. {hint}")
-    if mask == "dynamic" and (
-        isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
-    ):
+    if mask == "dynamic" and not _positive_int(num_steps):
         raise ValueError(
             "mask='dynamic' lowers its drop rate over the run and needs num_steps, the run's "
             f"length in steps (an int >= 1), got {num_steps!r}. {hint}"
@@ -171,7 +178,8 @@ def sparse_sam(
     Args:
       rho: radius of the ascent, >= 0, or an optax schedule of the step count. Defaults to 0.05.
       sparsity: the share of the coordinates not perturbed, in [0, 1). Defaults to 0.5 (the
-        official code's published runs; its argument's default is 0.2).
+        official code's published runs; its argument's default is 0.2). It sets the mask's
+        size, so under `optax.inject_hyperparams` it goes in `static_args`.
       mask: "fisher" (SSAM-F, the default) or "dynamic" (SSAM-D).
       update_every: refresh the mask every this many steps (>= 1). Defaults to 1.
       num_steps: the run's length in steps, for SSAM-D's drop-rate schedule (needed there).
@@ -193,6 +201,14 @@ def sparse_sam(
     dynamic = mask == "dynamic"
 
     def live_count(params: optax.Params) -> int:
+        """k = floor(N (1 - sparsity)), a Python int (it is the mask's exact size)."""
+        if isinstance(sparsity, jax.core.Tracer):
+            raise TypeError(
+                "sparsity sets how many coordinates the mask holds and must be a Python float, "
+                "got a traced value. With optax.inject_hyperparams, list it in static_args, e.g. "
+                "optax.inject_hyperparams(sam_optax.sparse_sam, static_args=('sparsity',))"
+                "(rho=0.05, sparsity=0.5)."
+            )
         return math.floor(_size(params) * (1 - float(sparsity)))
 
     def init_fn(params: optax.Params) -> SparseSAMState:
@@ -207,7 +223,7 @@ def sparse_sam(
             key=key,
         )
 
-    def refreshed(state: SparseSAMState, g: Any, k: int) -> tuple[Any, Any, jax.Array]:
+    def refreshed(state: SparseSAMState, g: Any, k: Any) -> tuple[Any, Any, jax.Array]:
         """(mask, fisher, key) after this step's refresh, if it is a refresh step."""
         fisher = jax.tree.map(lambda f, x: f + tree.to_wide(x) ** 2, state.fisher, g)
         key, regrowth_key = jax.random.split(state.key)
