@@ -144,10 +144,10 @@ def make_train_step(
             # Inside shard_map, jax.grad of replicated params would sum over devices.
             return params if axis_name is None else sam_optax.per_device(params, axis_name)
 
-        def grad_fn(params):
+        def grad_fn(params, batch_images=images, batch_labels=labels):
             # The pass at the perturbed weights: same batch, same rngs, stats discarded.
             grads, _ = jax.grad(loss_fn, has_aux=True)(
-                local(params), state.batch_stats, images, labels, rngs
+                local(params), state.batch_stats, batch_images, batch_labels, rngs
             )
             return grads
 
@@ -169,13 +169,7 @@ def make_train_step(
                     selection_loss_fn, (images, labels), losses, select_fraction
                 )
         if micro_batch:
-
-            def micro_batch_grad_fn(params, batch):
-                grads, _ = jax.grad(loss_fn, has_aux=True)(
-                    local(params), state.batch_stats, *batch, rngs
-                )
-                return grads
-
+            # Each micro-batch's gradient at its own perturbed weights (m-sharpness).
             batches = jax.tree.map(
                 lambda x: x.reshape(-1, micro_batch, *x.shape[1:]), (images, labels)
             )
@@ -183,7 +177,7 @@ def make_train_step(
                 None,
                 state.opt_state,
                 state.params,
-                grad_fn=micro_batch_grad_fn,
+                grad_fn=lambda p, batch: grad_fn(p, *batch),
                 micro_batches=batches,
             )
         else:
