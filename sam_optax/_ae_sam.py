@@ -8,7 +8,6 @@ if wider).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -17,10 +16,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class AESAMState(NamedTuple):
@@ -41,16 +39,7 @@ def _check_num_steps(num_steps: Any) -> None:
             "ae_sam needs num_steps, the length of the run over which its threshold rises from "
             f"lambda_1 to lambda_2. {hint}"
         )
-    if isinstance(num_steps, jax.core.Tracer):
-        return
-    if hasattr(num_steps, "dtype") and jnp.ndim(num_steps) == 0:
-        if not jnp.issubdtype(num_steps.dtype, jnp.integer):
-            raise TypeError(f"num_steps must be an int >= 1, got {num_steps!r}. {hint}")
-        num_steps = int(num_steps)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise TypeError(f"num_steps must be an int >= 1, got {num_steps!r}. {hint}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps!r}. {hint}")
+    _ascent.check_count("num_steps", num_steps, hint=hint)
 
 
 def threshold_at(count: jax.Array, num_steps: Any, lambda_1: Any, lambda_2: Any) -> jax.Array:
@@ -62,7 +51,7 @@ def threshold_at(count: jax.Array, num_steps: Any, lambda_1: Any, lambda_2: Any)
     return low + (jnp.asarray(lambda_2, jnp.float32) - low) * progress
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def ae_sam(
     rho: float | jax.Array | Schedule = 0.05,
     *,
@@ -70,15 +59,7 @@ def ae_sam(
     decay: float | jax.Array = 0.9,
     lambda_1: float | jax.Array = -1.0,
     lambda_2: float | jax.Array = 1.0,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""AE-SAM: SAM on the steps where ||g||^2 is large against its running statistics.
 
@@ -142,7 +123,7 @@ def ae_sam(
       decay = 0.9, lambda_1 = -1, lambda_2 = 1 are starting points, not verified defaults: tune
       lambda_1 and lambda_2 for the fraction of SAM steps you want (``ascents / count``).
     """
-    ascent = _ascent.Ascent.from_arguments("ae_sam", locals())
+    ascent = _ascent.Ascent("ae_sam", rho, **shared)
     _check_num_steps(num_steps)
     hint = "E.g. ae_sam(rho=0.05, num_steps=T, decay=0.9, lambda_1=-1.0, lambda_2=1.0)."
     _ascent.check_real("decay", decay, low=0.0, high=1.0, hint=hint)
@@ -192,7 +173,7 @@ def ae_sam(
 
         # Only the SAM branch evaluates grad_fn.
         def sam_branch():
-            direction = g if sync_ascent else updates
+            direction = ascent.own_or_synced(g, updates)
             g_p, eps = ascent.sam_gradient(direction, updates, params, grad_fn, rho_now)
             return tree.cast_like(ascent.average(g_p), updates), eps
 

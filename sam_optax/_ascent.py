@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ForwardRef, TypedDict, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,20 @@ def check_real(name: str, value: Any, *, low: float, high: float | None, hint: s
     if not (number >= low and (high is None or number <= high)):
         interval = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {interval}, got {value!r}. {hint}")
+
+
+def check_count(name: str, value: Any, *, hint: str) -> None:
+    """value is an integer >= 1 (a Python int or an integer scalar array) when it is known at
+    construction."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    integer_array = hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
+    if integer_array and jnp.ndim(value) == 0:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}. {hint}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}. {hint}")
 
 
 def resolve_mask(perturb_mask: PerturbMask, params: optax.Params) -> Any:
@@ -323,14 +338,15 @@ class Ascent:
 
     call: str
     rho: Any
-    adaptive: bool
-    eta: Any
-    stable: bool
-    stable_max_scale: Any
-    stable_norm: str
-    axis_name: AxisName | None
-    sync_ascent: bool
-    perturb_mask: PerturbMask
+    # The defaults of the shared keywords (the signatures of the variants take theirs from here).
+    adaptive: bool = False
+    eta: Any = 0.01
+    stable: bool = False
+    stable_max_scale: Any = None
+    stable_norm: str = "plain"
+    axis_name: AxisName | None = None
+    sync_ascent: bool = False
+    perturb_mask: PerturbMask = None
     normalize: bool = True
     ascent_norm: float | None = None
     ascent_steps: int | None = None
@@ -343,6 +359,11 @@ class Ascent:
         fields = {f.name for f in dataclasses.fields(cls)} - {"call"}
         chosen = {name: value for name, value in arguments.items() if name in fields}
         return cls(call=call, **{**chosen, **overrides})
+
+    def own_or_synced(self, mean_grads: Any, updates: Any) -> Any:
+        """The gradient an ascent starts from: the averaged one with `sync_ascent`, else each
+        device's own (the same thing without `axis_name`)."""
+        return mean_grads if self.sync_ascent else updates
 
     def __post_init__(self) -> None:
         check_args(
@@ -529,17 +550,79 @@ SHARED_ARGS_DOC = """
       axis_name: inside `jax.shard_map`/`jax.pmap`, the data-parallel axis; `updates` is each
         device's own gradient (see :func:`sam_optax.per_device`). Each device perturbs its weights
         along its own direction (m-sharpness) and the transformation averages over the axis.
-      sync_ascent: with `axis_name`, build the ascent direction from the averaged gradient, so
-        every device uses the same eps.
       perturb_mask: pytree of booleans (or a function of the params returning one) marking the
         parameters to perturb, as in :func:`sam_optax.sam`.
+      sync_ascent: with `axis_name`, build the ascent direction from the averaged gradient, so
+        every device uses the same eps.
       check_input_gradient: on the first step, raise a ValueError if `updates` differs from
         grad_fn(params) (a transformation in front of it in the chain), as in
         :func:`sam_optax.sam`. Costs one more `grad_fn` evaluation on the first step.
 """
 
 
-def with_shared_args_doc(function: Callable) -> Callable:
-    """Fills the `{shared_args}` line of a variant's docstring with :data:`SHARED_ARGS_DOC`."""
-    function.__doc__ = function.__doc__.replace("      {shared_args}\n", SHARED_ARGS_DOC[1:])
-    return function
+class OnePassArgs(TypedDict, total=False):
+    """The keywords of :func:`sam_optax.momentum_sam`, which every variant takes (see
+    :data:`SHARED_ARGS_DOC`); their defaults are those of :class:`Ascent`."""
+
+    adaptive: bool
+    eta: float | jax.Array
+    stable: bool
+    stable_max_scale: float | jax.Array | None
+    stable_norm: str
+    axis_name: AxisName | None
+    perturb_mask: PerturbMask
+
+
+class SharedArgs(OnePassArgs, total=False):
+    """The keywords that every variant with a perturbed-gradient pass takes."""
+
+    sync_ascent: bool
+    check_input_gradient: bool
+
+
+def _spelled(hint: Any) -> Any:
+    """An annotation as written (a TypedDict holds postponed annotations as ForwardRefs)."""
+    return hint.__forward_arg__ if isinstance(hint, ForwardRef) else hint
+
+
+Factory = TypeVar("Factory", bound=Callable[..., optax.GradientTransformationExtraArgs])
+
+
+def with_shared_args(keywords: type = SharedArgs) -> Callable[[Factory], Factory]:
+    """Gives a variant factory written as ``def variant(own args, *, **shared)`` the explicit
+    signature ``variant(own args, *, adaptive=False, eta=0.01, ...)``: the keywords of
+    `keywords`, with the defaults of :class:`Ascent`.
+
+    `inspect.signature` (hence `optax.inject_hyperparams`, `help` and the docs) shows every
+    keyword, and a type checker sees them through ``**shared: Unpack[SharedArgs]``. The call binds
+    that signature (an unknown keyword is a TypeError, as for any function) and passes the factory
+    every shared keyword. The docstring's ``{shared_args}`` line becomes :data:`SHARED_ARGS_DOC`.
+    """
+    KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+    defaults = {field.name: field.default for field in dataclasses.fields(Ascent)}
+    shared = [
+        inspect.Parameter(name, KEYWORD_ONLY, default=defaults[name], annotation=_spelled(hint))
+        for name, hint in keywords.__annotations__.items()
+    ]
+
+    def decorate(factory: Factory) -> Factory:
+        own = inspect.signature(factory).parameters.values()
+        named = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        signature = inspect.signature(factory).replace(parameters=named + shared)
+
+        @functools.wraps(factory)
+        def with_every_keyword(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as error:  # Name the factory, as Python does for its own calls.
+                raise TypeError(f"{factory.__name__}() {error}") from None
+            bound.apply_defaults()
+            return factory(**bound.arguments)
+
+        with_every_keyword.__signature__ = signature  # type: ignore[attr-defined]
+        with_every_keyword.__doc__ = factory.__doc__.replace(
+            "      {shared_args}\n", SHARED_ARGS_DOC[1:]
+        )
+        return with_every_keyword  # type: ignore[return-value]
+
+    return decorate

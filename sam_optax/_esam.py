@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class ESAMState(NamedTuple):
@@ -38,21 +37,13 @@ def draw_tensors(key: jax.Array, params: optax.Params, beta: Any) -> Any:
     return jax.tree.unflatten(treedef, list(keep.astype(jnp.float32)))
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def esam(
     rho: float | jax.Array | Schedule = 0.05,
     beta: float | jax.Array = 0.6,
     *,
     seed: int = 0,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""ESAM's stochastic weight perturbation (SWP): SAM's ascent on a random subset of tensors.
 
@@ -109,7 +100,7 @@ def esam(
       Networks <https://arxiv.org/abs/2110.03141>`_, ICLR 2022 (official code: dydjw9/Efficient_SAM,
       `utils/Esam.py`).
     """
-    ascent = _ascent.Ascent.from_arguments("esam", locals())
+    ascent = _ascent.Ascent("esam", rho, **shared)
     hint = "E.g. esam(rho=0.05, beta=0.6) (beta = 1 is SAM)."
     _ascent.check_real("beta", beta, low=0.0, high=1.0, hint=hint)
     if _ascent.concrete_float(beta) == 0:
@@ -132,7 +123,7 @@ def esam(
         if ascent.static_rho == 0:
             return g, new_state
         kept = draw_tensors(draw_key, updates, beta)
-        direction = g if sync_ascent else updates
+        direction = ascent.own_or_synced(g, updates)
         # The tensors left out contribute neither to the norm nor to eps.
         direction = jax.tree.map(lambda m, x: (m * x).astype(x.dtype), kept, direction)
         radius = rho_now / jnp.asarray(beta, jnp.float32)

@@ -16,10 +16,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class FriendlySAMState(NamedTuple):
@@ -30,21 +29,12 @@ class FriendlySAMState(NamedTuple):
     m: optax.Updates
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def friendly_sam(
     rho: float | jax.Array | Schedule = 0.05,
     sigma: float | jax.Array = 1.0,
     lmbda: float | jax.Array = 0.9,
-    *,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly SAM (F-SAM): the ascent along the gradient minus its running mean.
 
@@ -89,7 +79,7 @@ def friendly_sam(
       Li et al., `Friendly Sharpness-Aware Minimization <https://arxiv.org/abs/2403.12350>`_,
       CVPR 2024 (official code: nblt/F-SAM).
     """
-    ascent = _ascent.Ascent.from_arguments("friendly_sam", locals())
+    ascent = _ascent.Ascent("friendly_sam", rho, **shared)
     hint = "E.g. friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)."
     _ascent.check_real("sigma", sigma, low=0.0, high=None, hint=hint)
     _ascent.check_real("lmbda", lmbda, low=0.0, high=1.0, hint=hint)
@@ -114,7 +104,7 @@ def friendly_sam(
         new_state = FriendlySAMState(count=optax.safe_increment(state.count), m=m)
         if ascent.static_rho == 0:
             return g, new_state
-        d = tree.axpy(-sigma_now, state.m, tree.to_wide(g if sync_ascent else updates))
+        d = tree.axpy(-sigma_now, state.m, tree.to_wide(ascent.own_or_synced(g, updates)))
         g_p, eps = ascent.perturbed_gradient(d, updates, params, grad_fn, rho_now)
         out = ascent.rescale(ascent.average(g_p), g, params, eps)
         return out, new_state

@@ -17,10 +17,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class GSAMState(NamedTuple):
@@ -29,21 +28,13 @@ class GSAMState(NamedTuple):
     count: jax.Array
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def gsam(
     rho: float | jax.Array | Schedule = 0.05,
     alpha: float | jax.Array = 0.1,
     *,
     minimize_perturbed: bool = True,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate gap guided SAM (GSAM): SAM plus a descent step on the surrogate gap.
 
@@ -94,7 +85,7 @@ def gsam(
       <https://arxiv.org/abs/2203.08065>`_, ICLR 2022 (official code: google-research/big_vision,
       ``big_vision/trainers/proj/gsam/gsam.py``).
     """
-    ascent = _ascent.Ascent.from_arguments("gsam", locals())
+    ascent = _ascent.Ascent("gsam", rho, **shared)
     _ascent.check_real("alpha", alpha, low=0.0, high=None, hint="E.g. gsam(rho=0.05, alpha=0.1).")
 
     def init_fn(params: optax.Params) -> GSAMState:
@@ -110,7 +101,7 @@ def gsam(
         if ascent.static_rho == 0:
             return g, new_state
         g_p, eps = ascent.perturbed_gradient(
-            g if sync_ascent else updates, updates, params, grad_fn, rho_now
+            ascent.own_or_synced(g, updates), updates, params, grad_fn, rho_now
         )
         g_p = tree.to_wide(ascent.average(g_p))
         g_wide = tree.to_wide(g)

@@ -8,7 +8,6 @@ the parameters' dtype if wider).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -17,10 +16,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class LookSAMState(NamedTuple):
@@ -29,20 +27,6 @@ class LookSAMState(NamedTuple):
 
     count: jax.Array
     g_v: optax.Updates
-
-
-def _check_k(k: Any) -> None:
-    hint = "E.g. looksam(rho=0.05, k=5) (k = 1 is SAM)."
-    if isinstance(k, jax.core.Tracer):
-        return
-    if isinstance(k, (jax.Array,)) or hasattr(k, "dtype"):
-        if not jnp.issubdtype(k.dtype, jnp.integer) or jnp.ndim(k) != 0:
-            raise TypeError(f"k must be an int >= 1, got {k!r}. {hint}")
-        k = int(k)
-    elif isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int >= 1, got {k!r}. {hint}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k!r}. {hint}")
 
 
 def _orthogonal_part(g_s: optax.Updates, g: optax.Updates, like: optax.Updates) -> optax.Updates:
@@ -59,21 +43,12 @@ def _reused_gradient(g: optax.Updates, g_v: optax.Updates, alpha: Any) -> optax.
     return tree.axpy(scale, g_v, g)
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def looksam(
     rho: float | jax.Array | Schedule = 0.05,
     k: int | jax.Array = 5,
     alpha: float | jax.Array = 0.7,
-    *,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: the SAM gradient every k steps, reused in between at the cost of one pass.
 
@@ -124,8 +99,8 @@ def looksam(
       Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
       <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
     """
-    ascent = _ascent.Ascent.from_arguments("looksam", locals())
-    _check_k(k)
+    ascent = _ascent.Ascent("looksam", rho, **shared)
+    _ascent.check_count("k", k, hint="E.g. looksam(rho=0.05, k=5) (k = 1 is SAM).")
     _ascent.check_real(
         "alpha", alpha, low=0.0, high=None, hint="E.g. looksam(rho=0.05, k=5, alpha=0.7)."
     )
@@ -146,7 +121,7 @@ def looksam(
 
         # Each kind of step computes only its own quantities, inside its branch.
         def sam_branch():
-            direction = g if sync_ascent else updates
+            direction = ascent.own_or_synced(g, updates)
             g_s, eps = ascent.sam_gradient(direction, updates, params, grad_fn, rho_now)
             g_s = tree.to_wide(ascent.average(g_s))
             return tree.cast_like(g_s, updates), _orthogonal_part(g_s, g_wide, state.g_v), eps

@@ -15,10 +15,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import OnePassArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 STABLE_NEEDS_UPDATES = (
     "sam_optax.momentum_sam(stable=True) rescales to the norm of the gradient at w, which "
@@ -36,17 +35,11 @@ class MomentumSAMState(NamedTuple):
     momentum: optax.Updates
 
 
+@_ascent.with_shared_args(_ascent.OnePassArgs)
 def momentum_sam(
     rho: float | jax.Array | Schedule = 0.3,
     momentum: float | jax.Array = 0.9,
-    *,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    perturb_mask: PerturbMask = None,
+    **shared: Unpack[OnePassArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum-SAM (MSAM): the gradient at w perturbed against the momentum, in one pass.
 
@@ -113,7 +106,7 @@ def momentum_sam(
       Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024 (official code:
       MarlonBecker/MSAM, `optimizer/msam.py`).
     """
-    ascent = _ascent.Ascent.from_arguments("momentum_sam", locals(), sync_ascent=False)
+    ascent = _ascent.Ascent("momentum_sam", rho, sync_ascent=False, **shared)
     _ascent.check_real(
         "momentum",
         momentum,
@@ -138,7 +131,7 @@ def momentum_sam(
         params: optax.Params,
         grad_fn: GradFn,
     ) -> tuple[optax.Updates, MomentumSAMState]:
-        if stable and updates is None:
+        if ascent.stable and updates is None:
             raise TypeError(STABLE_NEEDS_UPDATES)
         rho_now = ascent.rho_at(state.count)
         like = params if updates is None else updates
@@ -160,7 +153,7 @@ def momentum_sam(
             g_p, eps = jax.lax.cond(
                 no_ascent, lambda: (ascent.average(updates), ascent.no_eps(params)), perturbed
             )
-        out = ascent.rescale(g_p, ascent.average(updates), params, eps) if stable else g_p
+        out = ascent.rescale(g_p, ascent.average(updates), params, eps) if ascent.stable else g_p
         mu = jnp.asarray(momentum, jnp.float32)
         new_momentum = jax.tree.map(
             lambda v, x: (mu * v + x).astype(v.dtype), state.momentum, tree.to_wide(out)

@@ -17,10 +17,9 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax import _tree as tree
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 MASK_RULES = ("fisher", "dynamic")
 
@@ -115,7 +114,7 @@ def _check_sparse_args(sparsity: Any, mask: str, update_every: Any, num_steps: A
         )
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def sparse_sam(
     rho: float | jax.Array | Schedule = 0.05,
     sparsity: float = 0.5,
@@ -125,15 +124,7 @@ def sparse_sam(
     num_steps: int | None = None,
     drop_rate: float | jax.Array = 0.5,
     seed: int = 0,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sparse SAM: SAM's perturbation on k = floor(N (1 - sparsity)) coordinates only.
 
@@ -196,7 +187,7 @@ def sparse_sam(
       Approach <https://arxiv.org/abs/2210.05177>`_, NeurIPS 2022 (official code:
       Mi-Peng/Sparse-Sharpness-Aware-Minimization).
     """
-    ascent = _ascent.Ascent.from_arguments("sparse_sam", locals())
+    ascent = _ascent.Ascent("sparse_sam", rho, **shared)
     _check_sparse_args(sparsity, mask, update_every, num_steps)
     dynamic = mask == "dynamic"
 
@@ -250,7 +241,7 @@ def sparse_sam(
         new_state = SparseSAMState(optax.safe_increment(state.count), new_mask, fisher, key)
         if ascent.static_rho == 0:
             return g, new_state
-        direction = g if sync_ascent or axis_name is None else updates
+        direction = g if ascent.sync_ascent or ascent.axis_name is None else updates
         masked = jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), new_mask, direction)
         # The ascent normalizes what it is given; scaling rho by ||m g|| / ||g|| makes eps the
         # full gradient's direction, masked and not renormalized.

@@ -6,6 +6,7 @@ checker; these are spelled with JAX's types, which are checked.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import jax
@@ -14,3 +15,10 @@ import jax
 # (an integer array). `...`: a schedule typed for jax.Array counts fits as well as one typed for
 # any array-like count (optax's own).
 Schedule = Callable[..., jax.typing.ArrayLike]
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # typing.Unpack is new in Python 3.11.
+    from typing_extensions import Unpack
+
+__all__ = ["Schedule", "Unpack"]

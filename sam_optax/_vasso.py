@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import PerturbMask
+from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
-from sam_optax._parallel import AxisName
-from sam_optax._typing import Schedule
+from sam_optax._typing import Schedule, Unpack
 
 
 class VaSSOState(NamedTuple):
@@ -29,20 +28,11 @@ class VaSSOState(NamedTuple):
     d: optax.Updates
 
 
-@_ascent.with_shared_args_doc
+@_ascent.with_shared_args()
 def vasso(
     rho: float | jax.Array | Schedule = 0.05,
     theta: float | jax.Array = 0.9,
-    *,
-    adaptive: bool = False,
-    eta: float | jax.Array = 0.01,
-    stable: bool = False,
-    stable_max_scale: float | jax.Array | None = None,
-    stable_norm: str = "plain",
-    axis_name: AxisName | None = None,
-    sync_ascent: bool = False,
-    perturb_mask: PerturbMask = None,
-    check_input_gradient: bool = False,
+    **shared: Unpack[SharedArgs],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variance-suppressed sharpness-aware optimization (VaSSO): the ascent along an EMA.
 
@@ -86,7 +76,7 @@ def vasso(
       Li and Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance Suppression
       <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023 (official code: BingcongLi/VaSSO).
     """
-    ascent = _ascent.Ascent.from_arguments("vasso", locals())
+    ascent = _ascent.Ascent("vasso", rho, **shared)
     hint = "E.g. vasso(rho=0.05, theta=0.9) (theta = 1 is SAM)."
     _ascent.check_real("theta", theta, low=0.0, high=1.0, hint=hint)
     theta_value = _ascent.concrete_float(theta)
@@ -111,7 +101,8 @@ def vasso(
         new_state = VaSSOState(count=optax.safe_increment(state.count), d=d)
         if ascent.static_rho == 0:
             return g, new_state
-        direction = d if sync_ascent or axis_name is None else jax.tree.map(ema, state.d, updates)
+        own = ascent.sync_ascent or ascent.axis_name is None
+        direction = d if own else jax.tree.map(ema, state.d, updates)
         g_p, eps = ascent.perturbed_gradient(direction, updates, params, grad_fn, rho_now)
         out = ascent.rescale(ascent.average(g_p), g, params, eps)
         return out, new_state

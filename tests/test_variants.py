@@ -3,6 +3,7 @@
 of the papers' algorithms, reductions to SAM, data parallelism, compositions and checkpoints."""
 
 import functools
+import inspect
 import os
 import tempfile
 
@@ -851,6 +852,37 @@ class ArgumentTest(chex.TestCase):
     def test_bad_arguments(self, factory, kwargs, error, message):
         with self.assertRaisesRegex(error, message):
             factory(**kwargs)
+
+    def test_one_default_per_keyword_across_the_package(self):
+        # rho and alpha (GSAM's and LookSAM's, two meanings) default to each paper's value, and
+        # an alias's keyword is what the alias sets; every other keyword has one default.
+        own = {"rho", "alpha"}
+        alias = {("asam", "adaptive"), ("usam", "normalize"), ("stable_sam", "stable")}
+        defaults = {}
+        for name in sam_optax.__all__:
+            factory = getattr(sam_optax, name)
+            if not callable(factory) or isinstance(factory, type):
+                continue
+            for parameter in inspect.signature(factory).parameters.values():
+                if parameter.default is inspect.Parameter.empty or parameter.name in own:
+                    continue
+                if (name, parameter.name) in alias:
+                    continue
+                seen = defaults.setdefault(parameter.name, (parameter.default, name))
+                self.assertEqual(seen[0], parameter.default, (parameter.name, seen[1], name))
+
+    @parameterized.parameters(
+        "gsam", "looksam", "friendly_sam", "vasso", "ae_sam", "esam", "momentum_sam", "sparse_sam"
+    )
+    def test_signature_shows_the_shared_keywords(self, name):
+        factory = getattr(sam_optax, name)
+        parameters = inspect.signature(factory).parameters
+        self.assertNotIn("shared", parameters)
+        self.assertEqual(parameters["eta"].default, 0.01)
+        self.assertEqual(parameters["eta"].kind, inspect.Parameter.KEYWORD_ONLY)
+        self.assertIn("eta: the offset of ASAM's T", factory.__doc__)
+        with self.assertRaisesRegex(TypeError, rf"^{name}\(\) got an unexpected .*'adaptve'"):
+            factory(adaptve=True)
 
     @parameterized.named_parameters(*MAIN)
     def test_missing_grad_fn_and_params(self, name):
