@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
@@ -39,7 +39,7 @@ def _check_num_steps(num_steps: Any) -> None:
             "ae_sam needs num_steps, the length of the run over which its threshold rises from "
             f"lambda_1 to lambda_2. {hint}"
         )
-    _ascent.check_count("num_steps", num_steps, hint=hint)
+    _checks.check_count("num_steps", num_steps, hint=hint)
 
 
 def threshold_at(count: jax.Array, num_steps: Any, lambda_1: Any, lambda_2: Any) -> jax.Array:
@@ -126,12 +126,12 @@ def ae_sam(
     ascent = _ascent.Ascent("ae_sam", rho, **shared)
     _check_num_steps(num_steps)
     hint = "E.g. ae_sam(rho=0.05, num_steps=T, decay=0.9, lambda_1=-1.0, lambda_2=1.0)."
-    _ascent.check_real("decay", decay, low=0.0, high=1.0, hint=hint)
-    if _ascent.concrete_float(decay) == 1.0:
+    _checks.check_real("decay", decay, low=0.0, high=1.0, hint=hint)
+    if _checks.concrete_float(decay) == 1.0:
         raise ValueError(f"decay must be < 1 (decay = 1 never updates the statistics). {hint}")
-    _ascent.check_real("lambda_1", lambda_1, low=-float("inf"), high=float("inf"), hint=hint)
-    _ascent.check_real("lambda_2", lambda_2, low=-float("inf"), high=float("inf"), hint=hint)
-    low, high = _ascent.concrete_float(lambda_1), _ascent.concrete_float(lambda_2)
+    _checks.check_real("lambda_1", lambda_1, low=-float("inf"), high=float("inf"), hint=hint)
+    _checks.check_real("lambda_2", lambda_2, low=-float("inf"), high=float("inf"), hint=hint)
+    low, high = _checks.concrete_float(lambda_1), _checks.concrete_float(lambda_2)
     if low is not None and high is not None and high < low:
         raise ValueError(
             f"lambda_2 must be >= lambda_1 (the threshold rises), got lambda_1={lambda_1!r}, "

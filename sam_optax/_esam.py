@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
 from sam_optax._typing import Schedule, Unpack
@@ -102,8 +102,8 @@ def esam(
     """
     ascent = _ascent.Ascent("esam", rho, **shared)
     hint = "E.g. esam(rho=0.05, beta=0.6) (beta = 1 is SAM)."
-    _ascent.check_real("beta", beta, low=0.0, high=1.0, hint=hint)
-    if _ascent.concrete_float(beta) == 0:
+    _checks.check_real("beta", beta, low=0.0, high=1.0, hint=hint)
+    if _checks.concrete_float(beta) == 0:
         raise ValueError(f"beta must be > 0 (beta = 0 perturbs nothing). {hint}")
     integer_array = hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jnp.integer)
     if isinstance(seed, bool) or not (isinstance(seed, int) or integer_array):
@@ -196,7 +196,7 @@ def esam_selected_grad_fn(
             "fraction must be a Python float: it sets the static size of the selected batch. "
             + hint
         )
-    _ascent.check_real("fraction", fraction, low=0.0, high=1.0, hint=hint)
+    _checks.check_real("fraction", fraction, low=0.0, high=1.0, hint=hint)
     if jnp.ndim(losses) != 1:
         raise ValueError(
             f"losses must be the vector of per-example losses at w, got shape "

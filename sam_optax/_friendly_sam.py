@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
@@ -81,8 +81,8 @@ def friendly_sam(
     """
     ascent = _ascent.Ascent("friendly_sam", rho, **shared)
     hint = "E.g. friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)."
-    _ascent.check_real("sigma", sigma, low=0.0, high=None, hint=hint)
-    _ascent.check_real("lmbda", lmbda, low=0.0, high=1.0, hint=hint)
+    _checks.check_real("sigma", sigma, low=0.0, high=None, hint=hint)
+    _checks.check_real("lmbda", lmbda, low=0.0, high=1.0, hint=hint)
 
     def init_fn(params: optax.Params) -> FriendlySAMState:
         return FriendlySAMState(count=jnp.zeros([], jnp.int32), m=_ascent.zero_buffers(params))

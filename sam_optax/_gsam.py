@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
@@ -86,7 +86,7 @@ def gsam(
       ``big_vision/trainers/proj/gsam/gsam.py``).
     """
     ascent = _ascent.Ascent("gsam", rho, **shared)
-    _ascent.check_real("alpha", alpha, low=0.0, high=None, hint="E.g. gsam(rho=0.05, alpha=0.1).")
+    _checks.check_real("alpha", alpha, low=0.0, high=None, hint="E.g. gsam(rho=0.05, alpha=0.1).")
 
     def init_fn(params: optax.Params) -> GSAMState:
         del params

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
@@ -100,8 +100,8 @@ def looksam(
       <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
     """
     ascent = _ascent.Ascent("looksam", rho, **shared)
-    _ascent.check_count("k", k, hint="E.g. looksam(rho=0.05, k=5) (k = 1 is SAM).")
-    _ascent.check_real(
+    _checks.check_count("k", k, hint="E.g. looksam(rho=0.05, k=5) (k = 1 is SAM).")
+    _checks.check_real(
         "alpha", alpha, low=0.0, high=None, hint="E.g. looksam(rho=0.05, k=5, alpha=0.7)."
     )
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import OnePassArgs
 from sam_optax._grad_fn import GradFn
@@ -107,14 +107,14 @@ def momentum_sam(
       MarlonBecker/MSAM, `optimizer/msam.py`).
     """
     ascent = _ascent.Ascent("momentum_sam", rho, sync_ascent=False, **shared)
-    _ascent.check_real(
+    _checks.check_real(
         "momentum",
         momentum,
         low=0.0,
         high=1.0,
         hint="E.g. momentum_sam(rho=0.3, momentum=0.9), with the base optimizer's momentum.",
     )
-    if _ascent.concrete_float(momentum) == 1.0:
+    if _checks.concrete_float(momentum) == 1.0:
         raise ValueError(
             "momentum must be < 1, got 1.0. E.g. momentum_sam(rho=0.3, momentum=0.9), with the "
             "base optimizer's momentum."

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import PerturbMask
 from sam_optax._grad_fn import MISSING_GRAD_FN, GradFn, evaluate_grad_fn, micro_batch_count
@@ -51,7 +51,7 @@ def perturbation(
       >>> print(eps["w"])
       [0.3 0.4]
     """
-    _ascent.check_args(rho=rho, eta=eta, ascent_norm=ascent_norm, ascent_steps=ascent_steps)
+    _checks.check_args(rho=rho, eta=eta, ascent_norm=ascent_norm, ascent_steps=ascent_steps)
     if ascent_norm is None:
         ascent_norm = _ascent.DEFAULT_ASCENT_NORM
     if ascent_steps is None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
@@ -100,8 +100,8 @@ def _check_sparse_args(sparsity: Any, mask: str, update_every: Any, num_steps: A
         "E.g. sparse_sam(rho=0.05, sparsity=0.5, mask='fisher', update_every=1000) or "
         "sparse_sam(rho=0.05, sparsity=0.5, mask='dynamic', update_every=1000, num_steps=50000)."
     )
-    _ascent.check_real("sparsity", sparsity, low=0.0, high=1.0, hint=hint)
-    if _ascent.concrete_float(sparsity) == 1:
+    _checks.check_real("sparsity", sparsity, low=0.0, high=1.0, hint=hint)
+    if _checks.concrete_float(sparsity) == 1:
         raise ValueError(f"sparsity must be < 1 (sparsity 1 perturbs nothing). {hint}")
     if mask not in MASK_RULES:
         raise ValueError(f"mask must be one of {MASK_RULES}, got {mask!r}. {hint}")

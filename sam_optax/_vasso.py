@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
 from sam_optax._typing import Schedule, Unpack
@@ -78,8 +78,8 @@ def vasso(
     """
     ascent = _ascent.Ascent("vasso", rho, **shared)
     hint = "E.g. vasso(rho=0.05, theta=0.9) (theta = 1 is SAM)."
-    _ascent.check_real("theta", theta, low=0.0, high=1.0, hint=hint)
-    theta_value = _ascent.concrete_float(theta)
+    _checks.check_real("theta", theta, low=0.0, high=1.0, hint=hint)
+    theta_value = _checks.concrete_float(theta)
     if theta_value == 0:
         raise ValueError(f"theta must be > 0 (theta = 0 never uses the gradient). {hint}")
 
