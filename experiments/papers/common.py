@@ -7,6 +7,7 @@ Tables, numbers and figures are written with :mod:`experiments.reporting`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data, optimizer_registry, runtime
+from experiments import data, optimizer_registry, reporting, runtime
 
 DATASETS = ("digits", "mnist5k")
 
@@ -104,10 +105,10 @@ def teacher_dataset(
     return x, y
 
 
-def make_output_dir(path: str) -> str:
-    """Creates the experiment's output folder (files in it are overwritten)."""
-    os.makedirs(path, exist_ok=True)
-    return path
+def start(output_dir: str) -> tuple[str, Stopwatch]:
+    """Creates an experiment's output folder (files in it are overwritten) and starts its clock."""
+    os.makedirs(output_dir, exist_ok=True)
+    return output_dir, Stopwatch()
 
 
 class Stopwatch:
@@ -123,3 +124,16 @@ class Stopwatch:
     def loads(self) -> tuple[Any, Any]:
         """The load averages at the start and now."""
         return self.load_start, runtime.load_average()
+
+    def machine_sentence(self) -> str:
+        """The machine and its load at the start and now, for a report."""
+        start, end = self.loads()
+        return (
+            f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {start} at the start, "
+            f"{end} at the end."
+        )
+
+
+def write_record(path: str, args: Any, seconds: float, **fields: Any) -> None:
+    """The experiment's JSON record: its arguments (a dataclass), its wall time and ``fields``."""
+    reporting.write_json(path, dict(args=dataclasses.asdict(args), seconds=seconds, **fields))

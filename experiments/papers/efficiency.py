@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -473,7 +472,7 @@ def claims(table: Sequence[Mapping[str, Any]], rate: float) -> list[str]:
     return lines
 
 
-def write_report(table, results, args, seconds, loads, out) -> None:
+def write_report(table, results, args, seconds, clock, out) -> None:
     trained = sum(r["trained"] for r in results)
     rho_of = {r["method"]: r["rho"] for r in results if r["method"] != BASELINE}
     usual = max(set(rho_of.values()), key=list(rho_of.values()).count)
@@ -494,9 +493,8 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         "`experiments.trainer.train_and_evaluate`; its files under "
         "`runs/<noise>/<method>-s<seed>/`.",
         "",
-        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
-        f"{loads[1]} at the end. {len(results)} runs, {trained} of them trained by this command "
-        f"(its wall time {seconds:.0f} s); the runs' own wall times add up to "
+        f"{clock.machine_sentence()} {len(results)} runs, {trained} of them trained by this "
+        f"command (its wall time {seconds:.0f} s); the runs' own wall times add up to "
         f"{run_minutes:.0f} min. Gradient evaluations are counted exactly. A method's training "
         "time is the median over its runs (every seed and noise rate) of each run's own, the "
         "sum of its epochs without compilation and evaluation, relative to SGD's; the same in "
@@ -531,8 +529,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    clock = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, clock = common.start(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
     for rate in args.noise_rates:
@@ -540,12 +537,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         plot_frontier(table, args, rate, os.path.join(out, f"{NAME}_{tag}.png"))
     reporting.write_csv(os.path.join(out, "table.csv"), table)
     seconds = clock.seconds()
-    write_report(table, results, args, seconds, clock.loads(), out)
-    reporting.write_json(
-        os.path.join(out, f"{NAME}.json"),
-        dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, table=table,
-             runs=results),
-    )  # fmt: skip
+    write_report(table, results, args, seconds, clock, out)
+    common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, table=table, runs=results)
     for rate in args.noise_rates:
         print(markdown_table(table, rate))
     print(f"wrote {out} in {seconds:.1f} s")

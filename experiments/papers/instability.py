@@ -220,8 +220,7 @@ def plot_dataset(name, results, args, curve_lr, out) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, watch = common.start(args.output_dir)
     rows, figures, seconds = [], [], {}
     for name in args.datasets:
         start = watch.seconds()
@@ -258,10 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reporting.write_table(rows, os.path.join(out, "instability.csv"))
     total = watch.seconds()
     write_markdown(rows, figures, args, seconds, total, out)
-    reporting.write_json(
-        os.path.join(out, "instability.json"),
-        dict(args=dataclasses.asdict(args), seconds=seconds, rows=rows),
-    )
+    common.write_record(os.path.join(out, "instability.json"), args, seconds, rows=rows)
     print(reporting.markdown_table(rows))
     print(f"wrote {out} in {total:.1f} s")
     return dict(rows=rows, seconds=total)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -509,7 +508,7 @@ def findings(
     return lines
 
 
-def write_report(table, results, args, seconds, loads, out) -> None:
+def write_report(table, results, args, seconds, clock, out) -> None:
     trained = sum(r["trained"] for r in results)
     run_seconds = [r["summary"]["wall_time_s"] for r in results]
     lines = [
@@ -525,8 +524,7 @@ def write_report(table, results, args, seconds, loads, out) -> None:
         + ". Every run through `experiments.trainer.train_and_evaluate`; "
         "its files under `runs/<noise>/<optimizer>-s<seed>/`.",
         "",
-        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
-        f"{loads[1]} at the end. Wall time {seconds:.0f} s for {len(results)} runs "
+        f"{clock.machine_sentence()} Wall time {seconds:.0f} s for {len(results)} runs "
         f"({trained} trained now, {len(results) - trained} done already; "
         f"{np.mean(run_seconds):.1f} s per run on average as each run measured itself).",
         "",
@@ -550,23 +548,15 @@ def write_report(table, results, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    clock = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, clock = common.start(args.output_dir)
     results = run_all(args)
     table = summarize(results, args)
     plot_accuracy(table, args, out)
     plot_curves(results, args, out)
     seconds = clock.seconds()
-    write_report(table, results, args, seconds, clock.loads(), out)
-    reporting.write_json(
-        os.path.join(out, f"{NAME}.json"),
-        dict(
-            args=json.loads(json.dumps(dataclasses.asdict(args))),
-            seconds=seconds,
-            table=table,
-            runs=[{k: v for k, v in r.items() if k != "summary"} for r in results],
-        ),
-    )
+    write_report(table, results, args, seconds, clock, out)
+    runs = [{k: v for k, v in r.items() if k != "summary"} for r in results]
+    common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, table=table, runs=runs)
     print(reporting.markdown_table(table, ["label", "noise_rate", "final_mean", "best_val_mean"]))
     print(f"wrote {out} in {seconds:.1f} s")
     return dict(results=results, table=table, seconds=seconds)

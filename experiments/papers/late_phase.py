@@ -141,8 +141,7 @@ def make_trainer(model, x_train, y_train, x_test, y_test, args):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, watch = common.start(args.output_dir)
     x_train, y_train, x_test, y_test = common.load_dataset(args.dataset)
     model = common.MLP(hidden=tuple(args.hidden), num_outputs=10)
     train, batch_loss, steps_per_epoch = make_trainer(model, x_train, y_train, x_test, y_test, args)
@@ -183,10 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plot(summary, rows, curves, args, out)
     seconds = watch.seconds()
     write_markdown(rows, summary, args, seconds, out)
-    reporting.write_json(
-        os.path.join(out, "late_phase.json"),
-        dict(args=dataclasses.asdict(args), seconds=seconds, runs=rows),
-    )
+    common.write_record(os.path.join(out, "late_phase.json"), args, seconds, runs=rows)
     print(reporting.markdown_table(summary))
     print(f"wrote {out} in {seconds:.1f} s")
     return dict(rows=rows, summary=summary, seconds=seconds)

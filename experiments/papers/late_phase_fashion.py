@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -351,7 +350,7 @@ def plot(rows, summary, args, out) -> None:
     plt.close(fig)
 
 
-def write_report(rows, summary, args, seconds, loads, out) -> None:
+def write_report(rows, summary, args, seconds, clock, out) -> None:
     base = args.base
     table = [
         dict(
@@ -376,8 +375,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
         f"the training cross-entropy (BatchNorm in evaluation mode, no weight decay) on "
         f"{args.hessian_size} training images, {args.lanczos_iters} Lanczos steps.",
         "",
-        f"Machine: {runtime.machine_line()}; load average (1/5/15 min) {loads[0]} at the start, "
-        f"{loads[1]} at the end. Wall time {seconds:.0f} s ({trained} of {len(rows)} runs "
+        f"{clock.machine_sentence()} Wall time {seconds:.0f} s ({trained} of {len(rows)} runs "
         "trained now).",
         "",
         reporting.markdown_table(table, fmt=str),
@@ -396,8 +394,7 @@ def write_report(rows, summary, args, seconds, loads, out) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    clock = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, clock = common.start(args.output_dir)
     rows = run_all(args)
     summary = summarize(rows, args)
     reporting.write_table(
@@ -407,11 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reporting.write_table(summary, os.path.join(out, f"{NAME}_summary.csv"))
     plot(rows, summary, args, out)
     seconds = clock.seconds()
-    write_report(rows, summary, args, seconds, clock.loads(), out)
-    reporting.write_json(
-        os.path.join(out, f"{NAME}.json"),
-        dict(args=json.loads(json.dumps(dataclasses.asdict(args))), seconds=seconds, runs=rows),
-    )
+    write_report(rows, summary, args, seconds, clock, out)
+    common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, runs=rows)
     print(reporting.markdown_table(summary))
     print(f"wrote {out} in {seconds:.1f} s")
     return dict(rows=rows, summary=summary, seconds=seconds)

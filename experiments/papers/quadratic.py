@@ -187,8 +187,7 @@ def summarize_runs(losses: np.ndarray, loss0: float, tol: float, noisy: bool):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    watch = common.Stopwatch()
-    out = common.make_output_dir(args.output_dir)
+    out, watch = common.start(args.output_dir)
     eigenvalues = spectrum(args)
     rng = np.random.default_rng(args.seed)
     q, _ = np.linalg.qr(rng.normal(size=(args.dim, args.dim)))
@@ -221,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seconds = watch.seconds()
     write_markdown(summary, bounds, picks, results, lrs, args, seconds, out)
     info = dict(bounds=bounds, seconds=seconds, summary=summary)
-    reporting.write_json(
-        os.path.join(out, "quadratic.json"), dict(args=dataclasses.asdict(args), **info)
-    )
+    common.write_record(os.path.join(out, "quadratic.json"), args, **info)
     print(reporting.markdown_table(summary))
     print(f"theory: {bounds}; wrote {out} in {seconds:.1f} s")
     return info
