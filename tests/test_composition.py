@@ -63,9 +63,7 @@ def test_multi_transform_with_sam_inside_raises_when_jitted(name):
     )
     state = tx.init(PARAMS)
     with pytest.raises(ValueError, match="SAM needs the full parameters"):
-        jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
-            grad_fn(PARAMS), state, PARAMS
-        )
+        jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(grad_fn(PARAMS), state, PARAMS)
 
 
 def test_perturb_mask_in_front_of_multi_transform_equals_masked_ascent():

@@ -149,7 +149,7 @@ def test_efficiency_end_to_end(tmp_path, fashion_dir):
     )
     info = efficiency.main([*flags, "--methods", "every2", "late50", "m16"])
     # SGD and SAM come first although not asked for: the shares are taken between them.
-    methods = [r["method"] for r in info["results"]]
+    methods = [r["method"] for r in info["runs"]]
     assert methods[:4] == ["sgd", "sgd", "sam", "sam"] and len(methods) == 2 * 5 * 2
     for name in (
         "efficiency.md",
@@ -165,7 +165,7 @@ def test_efficiency_end_to_end(tmp_path, fashion_dir):
         report = f.read()
     assert "Target (90 % of SAM's final-epoch gain" in report and "Machine:" in report
     again = efficiency.main([*flags, "--methods", "every2", "late50", "m16"])
-    assert not any(r["trained"] for r in again["results"])
+    assert not any(r["trained"] for r in again["runs"])
 
 
 @pytest.mark.parametrize(

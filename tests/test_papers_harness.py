@@ -38,8 +38,8 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     for name in ("table.md", "table.csv", "accuracy.png", "curves.png", "label_noise.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     # SGD comes first although only sam was asked for: every difference is taken to it.
-    assert [r["optimizer"] for r in info["results"][:2]] == ["sgd", "sgd"]
-    assert len(info["results"]) == 2 * 2 * 2 and all(r["trained"] for r in info["results"])
+    assert [r["optimizer"] for r in info["runs"][:2]] == ["sgd", "sgd"]
+    assert len(info["runs"]) == 2 * 2 * 2 and all(r["trained"] for r in info["runs"])
     for noise in ("clean", "symmetric50"):
         for run in ("sgd-s0", "sgd-s1", "sam-s0", "sam-s1"):
             assert os.path.exists(os.path.join(out, "runs", noise, run, "summary.json"))
@@ -55,7 +55,7 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
 
     # The same command again: every run is read back, none is trained.
     again = label_noise.main(flags)
-    assert not any(r["trained"] for r in again["results"])
+    assert not any(r["trained"] for r in again["runs"])
     assert again["table"] == info["table"]
 
     # A changed rho is refused, naming the field: the finished run is never silently retrained.
@@ -203,7 +203,7 @@ def test_late_phase_fashion_end_to_end(tmp_path, fashion_dir):
     )  # fmt: skip
     for name in ("late_phase_fashion.png", "late_phase_fashion.md", "late_phase_fashion_runs.csv"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    rows = {r["arm"]: r for r in info["rows"]}
+    rows = {r["arm"]: r for r in info["runs"]}
     assert set(rows) == {"sgd", "sam", "late"}
     for row in rows.values():
         assert 0 <= row["test_acc"] <= 1

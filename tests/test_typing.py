@@ -65,10 +65,19 @@ def test_mypy_accepts_a_correct_script_and_flags_a_string_rho(tmp_path):
     # import hook is invisible to it); optax ships no type hints, hence --ignore-missing-imports.
     result = subprocess.run(
         [
-            sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
-            "--cache-dir", str(tmp_path / "cache"), *(str(tmp_path / name) for name in scripts),
+            sys.executable,
+            "-m",
+            "mypy",
+            "--ignore-missing-imports",
+            "--follow-imports=silent",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *(str(tmp_path / name) for name in scripts),
         ],
-        cwd=ROOT, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert [line for line in errors if "good.py" in line] == [], result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any
@@ -54,3 +55,18 @@ def _classifier(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class ZooModel(nn.Module):
+    """The fields every model of the zoo shares, keyword-only so each model's own fields keep
+    their positions: the computation dtype (parameters stay float32) and the mapped axis over
+    which BatchNorm averages its statistics (``None``: per device)."""
+
+    dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+    bn_axis_name: str | None = dataclasses.field(default=None, kw_only=True)
+
+    def conv_and_norm(self, train: bool, *, conv_bias: bool = False) -> tuple[ModuleDef, ModuleDef]:
+        """The model's convolution and BatchNorm constructors in training or evaluation mode."""
+        return _conv_def(self.dtype, use_bias=conv_bias), _norm_def(
+            train, self.dtype, self.bn_axis_name
+        )

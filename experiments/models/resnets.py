@@ -6,14 +6,11 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from experiments.models.layers import (
-    Dtype,
     ModuleDef,
+    ZooModel,
     _classifier,
-    _conv_def,
-    _norm_def,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -25,7 +22,7 @@ def _projection_shortcut(block: nn.Module, x: jax.Array, shape: tuple[int, ...])
     """x, or a strided 1x1 conv + BN of it when the residual branch changed its shape."""
     if x.shape == shape:
         return x
-    shortcut = block.conv(block.features, (1, 1), block.strides, padding=0, name="proj_conv")(x)
+    shortcut = block.conv(shape[-1], (1, 1), block.strides, padding=0, name="proj_conv")(x)
     return block.norm(name="proj_bn")(shortcut)
 
 
@@ -67,27 +64,20 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(out_features, (1, 1), padding=0)(y)
         y = self.norm()(y)
-        shortcut = x
-        if x.shape != y.shape:
-            shortcut = self.conv(out_features, (1, 1), self.strides, padding=0, name="proj_conv")(x)
-            shortcut = self.norm(name="proj_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return nn.relu(y + _projection_shortcut(self, x, y.shape))
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
     """CIFAR ResNet: 3x3 stem conv (no max-pool), four stages of 64/128/256/512 filters."""
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
     num_classes: int
     num_filters: int = 64
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        conv = _conv_def(self.dtype)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train)
         x = conv(self.num_filters, (3, 3), padding=1, name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
@@ -125,7 +115,7 @@ class ResNeXtBlock(nn.Module):
         return nn.relu(y + _projection_shortcut(self, x, y.shape))
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(ZooModel):
     """ResNeXt-depth (cardinality x base_width d) for CIFAR: outputs 256/512/1024 (widen 4)."""
 
     depth: int
@@ -133,16 +123,13 @@ class ResNeXt(nn.Module):
     base_width: int
     num_classes: int
     widen_factor: int = 4
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         if (self.depth - 2) % 9 != 0 or self.depth < 11:
             raise ValueError(f"ResNeXt depth must be 9n + 2 with n >= 1, got {self.depth}.")
         blocks_per_stage = (self.depth - 2) // 9
-        conv = _conv_def(self.dtype)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train)
         x = conv(64, (3, 3), padding=1, name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         for stage in range(3):

@@ -10,10 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.models.layers import (
-    Dtype,
+    ZooModel,
     _classifier,
-    _conv_def,
-    _norm_def,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -24,18 +22,15 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 VGG16_CONFIG += (512, 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(ZooModel):
     """VGG with BatchNorm for CIFAR: conv3x3(+bias)-BN-ReLU stacks, max-pools, one linear layer."""
 
     config: Sequence[int | str]
     num_classes: int
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        conv = _conv_def(self.dtype, use_bias=True)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train, conv_bias=True)
         for item in self.config:
             if item == "M":
                 x = nn.max_pool(x, (2, 2), (2, 2))
@@ -45,7 +40,7 @@ class VGG(nn.Module):
         return _classifier(x, self.num_classes, self.dtype)
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(ZooModel):
     """conv3x3-BN-ReLU stages with a 2x2 max-pool between them, then global average pooling and
     a linear layer.
 
@@ -59,13 +54,10 @@ class SmallCNN(nn.Module):
 
     num_classes: int
     features: Sequence[int] = (16, 32, 64, 128)
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        conv = _conv_def(self.dtype)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train)
         for index, features in enumerate(self.features):
             if index > 0:
                 # SAME: odd sizes (7 -> 4) keep their last row and column.
@@ -74,18 +66,17 @@ class SmallCNN(nn.Module):
         return _classifier(x, self.num_classes, self.dtype)
 
 
-class MLP(nn.Module):
+class MLP(ZooModel):
     """Flatten, then Dense-ReLU layers of the `hidden` widths, then a linear classifier.
 
     No BatchNorm (so no ``batch_stats``): the fast CPU model of the label-noise table, where an
     MLP memorizes noisy labels in a few seconds per epoch while XLA:CPU convolutions take
-    minutes. Dense layers use Flax's default (LeCun normal) initialization.
+    minutes. Dense layers use Flax's default (LeCun normal) initialization. ``bn_axis_name`` is
+    accepted for a uniform interface and unused.
     """
 
     num_classes: int
     hidden: Sequence[int] = (512, 512)
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None  # accepted for a uniform interface; no BatchNorm here
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:

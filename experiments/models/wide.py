@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from experiments.models.layers import (
-    Dtype,
     ModuleDef,
+    ZooModel,
     _classifier,
-    _conv_def,
-    _norm_def,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -47,15 +45,13 @@ class WideBasicBlock(nn.Module):
         return y + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(ZooModel):
     """WRN-depth-k: three stages of 16k/32k/64k filters, (depth - 4) / 6 blocks each."""
 
     depth: int
     widen_factor: int
     num_classes: int
     dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -64,8 +60,7 @@ class WideResNet(nn.Module):
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         blocks_per_stage = (self.depth - 4) // 6
-        conv = _conv_def(self.dtype)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train)
         x = conv(16, (3, 3), padding=1, name="stem_conv")(x)
         for stage, base in enumerate((16, 32, 64)):
             for block in range(blocks_per_stage):
@@ -142,7 +137,7 @@ class PyramidBasicBlock(nn.Module):
         return y + shortcut
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(ZooModel):
     """PyramidNet-depth with widening `alpha` (basic blocks); optional ShakeDrop.
 
     The width grows by alpha / N per block over all N = 3 (depth - 2) / 6 blocks, from 16 to
@@ -155,8 +150,6 @@ class PyramidNet(nn.Module):
     num_classes: int
     shakedrop: bool = False
     shakedrop_final_drop: float = 0.5
-    dtype: Dtype = jnp.float32
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -171,8 +164,7 @@ class PyramidNet(nn.Module):
         blocks_per_stage = (self.depth - 2) // 6
         num_blocks = 3 * blocks_per_stage
         add_rate = self.alpha / num_blocks
-        conv = _conv_def(self.dtype)
-        norm = _norm_def(train, self.dtype, self.bn_axis_name)
+        conv, norm = self.conv_and_norm(train)
         # The reference has no ReLU after the stem's BatchNorm.
         x = conv(16, (3, 3), padding=1, name="stem_conv")(x)
         x = norm(name="stem_bn")(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -103,6 +103,26 @@ def teacher_dataset(
     w2 = rng.normal(size=(hidden, num_classes)) / np.sqrt(hidden)
     y = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int32)
     return x, y
+
+
+def run_protocol(
+    args: Any,
+    run_all: Callable[[Any], list[dict]],
+    summarize: Callable[[list[dict], Any], list[dict]],
+    write_outputs: Callable[[list[dict], list[dict], Any, str, Stopwatch], None],
+) -> dict:
+    """The outline of a protocol experiment: every run trained (or found finished), their
+    summary table, then the experiment's own tables, figures and report in ``args.output_dir``.
+
+    Returns ``dict(runs=..., table=..., seconds=...)``.
+    """
+    out, clock = start(args.output_dir)
+    runs = run_all(args)
+    table = summarize(runs, args)
+    write_outputs(runs, table, args, out, clock)
+    seconds = clock.seconds()
+    print(f"wrote {out} in {seconds:.1f} s")
+    return dict(runs=runs, table=table, seconds=seconds)
 
 
 def start(output_dir: str) -> tuple[str, Stopwatch]:

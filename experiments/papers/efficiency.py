@@ -527,11 +527,8 @@ def write_report(table, results, args, seconds, clock, out) -> None:
     reporting.write_text(os.path.join(out, f"{NAME}.md"), "\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out, clock = common.start(args.output_dir)
-    results = run_all(args)
-    table = summarize(results, args)
+def write_outputs(results, table, args, out, clock) -> None:
+    """The frontier figures, the table, the report and the JSON record."""
     for rate in args.noise_rates:
         tag = label_noise.noise_tag(rate, args.base.label_noise_mode)
         plot_frontier(table, args, rate, os.path.join(out, f"{NAME}_{tag}.png"))
@@ -541,8 +538,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, table=table, runs=results)
     for rate in args.noise_rates:
         print(markdown_table(table, rate))
-    print(f"wrote {out} in {seconds:.1f} s")
-    return dict(results=results, table=table, seconds=seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return common.run_protocol(parse_args(argv), run_all, summarize, write_outputs)
 
 
 if __name__ == "__main__":

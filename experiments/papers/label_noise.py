@@ -546,11 +546,8 @@ def write_report(table, results, args, seconds, clock, out) -> None:
     reporting.write_text(os.path.join(out, f"{NAME}.md"), "\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out, clock = common.start(args.output_dir)
-    results = run_all(args)
-    table = summarize(results, args)
+def write_outputs(results, table, args, out, clock) -> None:
+    """The figures, the report and the JSON record."""
     plot_accuracy(table, args, out)
     plot_curves(results, args, out)
     seconds = clock.seconds()
@@ -558,8 +555,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = [{k: v for k, v in r.items() if k != "summary"} for r in results]
     common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, table=table, runs=runs)
     print(reporting.markdown_table(table, ["label", "noise_rate", "final_mean", "best_val_mean"]))
-    print(f"wrote {out} in {seconds:.1f} s")
-    return dict(results=results, table=table, seconds=seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return common.run_protocol(parse_args(argv), run_all, summarize, write_outputs)
 
 
 if __name__ == "__main__":

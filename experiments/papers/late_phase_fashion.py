@@ -392,11 +392,8 @@ def write_report(rows, summary, args, seconds, clock, out) -> None:
     reporting.write_text(os.path.join(out, f"{NAME}.md"), "\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out, clock = common.start(args.output_dir)
-    rows = run_all(args)
-    summary = summarize(rows, args)
+def write_outputs(rows, summary, args, out, clock) -> None:
+    """The tables, the figure, the report and the JSON record."""
     reporting.write_table(
         [{k: v for k, v in r.items() if k != "curve"} for r in rows],
         os.path.join(out, f"{NAME}_runs.csv"),
@@ -407,8 +404,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_report(rows, summary, args, seconds, clock, out)
     common.write_record(os.path.join(out, f"{NAME}.json"), args, seconds, runs=rows)
     print(reporting.markdown_table(summary))
-    print(f"wrote {out} in {seconds:.1f} s")
-    return dict(rows=rows, summary=summary, seconds=seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return common.run_protocol(parse_args(argv), run_all, summarize, write_outputs)
 
 
 if __name__ == "__main__":
