@@ -21,7 +21,6 @@ linearly. Writes ``accumulation_memory.json`` and ``.md`` to ``--out-dir``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 import sam_optax
+from experiments import reporting
 
 MODES = ("per_micro_batch", "global", "vmap", "whole_batch")
 
@@ -141,15 +141,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.quick:
         args.micro_batch, args.size, args.width, args.ks = 4, 8, 4, "1,4"
-    ks = [int(k) for k in args.ks.split(",")]
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        parser.error(f"--ks takes comma-separated integers such as 1,2,4, got {args.ks!r}")
+    if min(ks) < 1:
+        parser.error(f"--ks takes positive numbers of micro-batches, got {args.ks!r}")
     rows = [measure(mode, k, args.micro_batch, args.size, args.width) for mode in MODES for k in ks]
     report = markdown(rows, args)
     print(report)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "accumulation_memory.json"), "w") as f:
-        json.dump(dict(config=vars(args), rows=rows), f, indent=2)
-    with open(os.path.join(args.out_dir, "accumulation_memory.md"), "w") as f:
-        f.write(report)
+    reporting.write_json(
+        os.path.join(args.out_dir, "accumulation_memory.json"), dict(config=vars(args), rows=rows)
+    )
+    reporting.write_text(os.path.join(args.out_dir, "accumulation_memory.md"), report)
     return rows
 
 

@@ -34,6 +34,8 @@ from experiments import data, models, reporting, runtime, steps, trainer
 # Where a script writes by default (git-ignored). The measurements the READMEs cite are kept in
 # experiments/benchmarks/results/, refreshed with --out-dir experiments/benchmarks/results.
 RESULTS_DIR = os.path.join("runs", "benchmarks")
+# The note of a CPU run of a benchmark whose tables have rows for a GPU.
+NO_GPU_ROWS = "GPU rows were not measured here (no GPU on this machine)."
 
 # CIFAR-10's per-channel mean and std in [0, 255] units (the benchmark data are synthetic, the
 # normalization is what a real run does).
@@ -547,24 +549,27 @@ def machine_markdown(machine: Mapping[str, Any], loads: Mapping[str, Any]) -> st
 
 
 def write_results(
-    name: str,
+    benchmark: str,
+    args: argparse.Namespace,
     *,
     title: str,
     tables: Sequence[tuple[str, Sequence[Mapping[str, Any]], Sequence[str]]],
-    out_dir: str,
     loads: Mapping[str, Any],
     notes: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
-    has_gpu_rows: bool = False,
+    cpu_note: str | None = None,
 ) -> None:
-    """Prints the tables and writes ``<name>.csv`` (the first table, every column; further
-    tables as ``<name>_<heading>.csv``), ``<name>.md`` (all tables, machine, command, notes) and
-    ``<name>.json`` (everything). `has_gpu_rows`: the tables have rows for a GPU, which a run on
-    a CPU leaves out (a note says so)."""
+    """Prints the tables and writes, in ``args.out_dir``, ``<name>.csv`` (the first table, every
+    column; further tables as ``<name>_<heading>.csv``), ``<name>.md`` (all tables, machine,
+    command, notes) and ``<name>.json`` (everything); the name is the benchmark's, with
+    ``_quick`` under ``--quick``. `cpu_note`: the last note of a run on a CPU, saying which
+    rows a GPU would add (e.g. :data:`NO_GPU_ROWS`)."""
+    name = f"{benchmark}_quick" if args.quick else benchmark
+    out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    if has_gpu_rows and machine["jax_backend"] == "cpu":
-        notes = [*notes, "GPU rows were not measured here (no GPU on this machine)."]
+    if cpu_note and machine["jax_backend"] == "cpu":
+        notes = [*notes, cpu_note]
     command = reporting.command_line()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# {title}", "", f"`{command}` ({stamp})", "", machine_markdown(machine, loads), ""]

@@ -112,10 +112,10 @@ def main(argv=None) -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}.",
     ]
     common.write_results(
-        "conv_probe" if not args.quick else "conv_probe_quick",
+        "conv_probe",
+        args,
         title="One convolution, forward and backward: XLA:CPU vs PyTorch (oneDNN)",
         tables=[("", rows, list(rows[-1]))],
-        out_dir=args.out_dir,
         loads=loads,
         notes=notes,
     )

@@ -163,8 +163,8 @@ def epoch_rows_of(model_name: str, step_rows: list[dict], args, dataset) -> list
     return rows
 
 
-def notes(args, on_gpu: bool) -> list[str]:
-    lines = [
+def notes(args) -> list[str]:
+    return [
         f"Peak for MFU: {args.peak_tflops:g} TFLOP/s. mfu_published uses the published forward "
         "FLOPs per 32x32 image x 3 (training) x passes (sgd 1, SAM 2); mfu_xla uses the compiled "
         "step's cost_analysis() FLOPs.",
@@ -174,12 +174,6 @@ def notes(args, on_gpu: bool) -> list[str]:
         "checkpoint after the timed epoch); 'epoch / step images_per_s' near 1 means the loop "
         "and input add nothing.",
     ]
-    if not on_gpu:
-        lines.append(
-            "No GPU on this machine: these rows are a CPU smoke run at a tiny size, not GPU "
-            "measurements."
-        )
-    return lines
 
 
 def main(argv=None) -> None:
@@ -213,12 +207,14 @@ def main(argv=None) -> None:
         )
     loads["end"] = common.load_average()
     common.write_results(
-        "gpu_throughput" if not args.quick else "gpu_throughput_quick",
+        "gpu_throughput",
+        args,
         title="Training throughput, MFU, compile time and whole-epoch time",
         tables=tables,
-        out_dir=args.out_dir,
         loads=loads,
-        notes=notes(args, on_gpu),
+        notes=notes(args),
+        cpu_note="No GPU on this machine: these rows are a CPU smoke run at a tiny size, not GPU "
+        "measurements.",
     )
 
 

@@ -269,10 +269,10 @@ def main(argv=None) -> None:
         "The progress bar renders into a buffer (a terminal costs about the same).",
     ]
     common.write_results(
-        "harness_overhead" if not args.quick else "harness_overhead_quick",
+        "harness_overhead",
+        args,
         title="Harness overhead: trainer.train_epoch against the bare step",
         tables=[("", rows, COLUMNS)],
-        out_dir=args.out_dir,
         loads=loads,
         notes=notes,
         extra={"samples": raw, "settings": {n: dict(s) for n, s in settings.items()}},

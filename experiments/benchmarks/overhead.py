@@ -237,7 +237,8 @@ def main(argv=None) -> None:
         "counts those twice, so sam / (2 x sgd) may be slightly below 1.",
     ]
     common.write_results(
-        "overhead" if not args.quick else "overhead_quick",
+        "overhead",
+        args,
         title="SAM overhead over two SGD passes",
         tables=[
             ("Ratios", ratio_rows, list(ratio_rows[0])),
@@ -267,11 +268,10 @@ def main(argv=None) -> None:
                 ],
             ),
         ],
-        out_dir=args.out_dir,
         loads=loads,
         notes=notes,
         extra={"configurations": config_rows, "samples": raw},
-        has_gpu_rows=True,
+        cpu_note=common.NO_GPU_ROWS,
     )
 
 

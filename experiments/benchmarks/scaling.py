@@ -132,13 +132,13 @@ def main(argv=None) -> None:
         f"Model {model}, optimizer {args.optimizer}, each device count in its own process; "
         "ratio = sharded step / one device doing the same global batch (medians, interleaved).",
         "Simulated CPU devices share the same cores: the ratio shows overhead, not speed-up.",
-        "GPU rows were not measured here (no GPU on this machine).",
+        common.NO_GPU_ROWS,
     ]
     common.write_results(
-        "scaling" if not args.quick else "scaling_quick",
+        "scaling",
+        args,
         title="Sharded SAM step on simulated CPU devices vs one device, same work",
         tables=[("", rows, list(rows[0]))],
-        out_dir=args.out_dir,
         loads=loads,
         notes=notes,
     )

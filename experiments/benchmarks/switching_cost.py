@@ -141,10 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         loads[f"after {model}"] = common.load_average()
     common.write_results(
-        "switching_cost" if not args.quick else "switching_cost_quick",
+        "switching_cost",
+        args,
         title="SAM on some steps: training time against gradient evaluations",
         tables=[("", rows, list(rows[0]))],
-        out_dir=args.out_dir,
         loads=loads,
         notes=[
             "unit_ms: the median of the timed units, each 39 training steps drawn from the run's "
@@ -153,7 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "every5_in_step: the same schedule as every5, decided by a lax.cond inside one "
             "program instead of by the host between two.",
         ],
-        has_gpu_rows=False,
     )
     return 0
 

@@ -267,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir",
         "--out-dir",
-        dest="output_dir",
+        dest="out_dir",
         default=DEFAULT_OUTPUT_DIR,
         help="Where to write CSV, markdown and JSON.",
     )
@@ -355,10 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     update_stats = time_updates(variables["params"], args)
     loads["end"] = common.load_average()
     common.write_results(
-        "variants_overhead" if not args.quick else "variants_overhead_quick",
+        "variants_overhead",
+        args,
         title="Step time of the SAM variants relative to SGD and SAM",
         tables=[("", rows_from(stats, update_stats, cycles, args), COLUMNS)],
-        out_dir=args.output_dir,
         loads=loads,
         notes=notes(args),
         extra={"samples": common.samples_rows(samples, model=args.model)},

@@ -167,7 +167,8 @@ def main(argv=None) -> None:
         "each optimizer keeps between steps.",
     ]
     common.write_results(
-        "vs_optax_contrib" if not args.quick else "vs_optax_contrib_quick",
+        "vs_optax_contrib",
+        args,
         title="sam_optax.sam vs optax.contrib.sam (opaque mode)",
         tables=[
             (
@@ -195,11 +196,10 @@ def main(argv=None) -> None:
             ),
             ("Comparison", comparisons, list(comparisons[0])),
         ],
-        out_dir=args.out_dir,
         loads=loads,
         notes=notes,
         extra={"samples": raw},
-        has_gpu_rows=True,
+        cpu_note=common.NO_GPU_ROWS,
     )
 
 

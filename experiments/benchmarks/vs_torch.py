@@ -120,17 +120,9 @@ def compile_ours(args, model_kwargs) -> tuple[common.FlaxStep, int]:
         "resnet18", "sam", batch_size=args.batch_size, dtype=args.dtype, model_kwargs=model_kwargs
     )
     tx = optimizers.build_optimizer(config, STEPS_PER_EPOCH, axis_name=None)
-    ours = common.flax_step(
-        "sam_optax (jax.jit)",
-        model,
-        variables,
-        tx,
-        sam=True,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
-    print(f"sam_optax: compiled in {ours.compile_s:.1f} s")
+    (ours,) = common.compile_flax_steps(
+        "resnet18", model, variables, {"sam_optax (jax.jit)": (tx, True)}, args
+    ).values()
     return ours, models.count_params(variables["params"])
 
 
@@ -194,18 +186,15 @@ def result_rows(benches, samples, ours, first_step_s, args, *, device, threads, 
     return rows
 
 
-def notes(on_gpu: bool) -> list[str]:
-    lines = [
-        "ours_speedup = images/s of sam_optax / images/s of the row (medians, round-robin "
-        "interleaved in one process); ours_speedup_cpu_time: the same from process CPU time.",
-        "PyTorch uses a constant learning rate (ours: cosine schedule); this changes no cost.",
-    ]
-    if not on_gpu:
-        lines.append(
-            "GPU rows (channels_last, AMP bf16, torch.compile) were not measured here (no GPU on "
-            "this machine)."
-        )
-    return lines
+NOTES = [
+    "ours_speedup = images/s of sam_optax / images/s of the row (medians, round-robin "
+    "interleaved in one process); ours_speedup_cpu_time: the same from process CPU time.",
+    "PyTorch uses a constant learning rate (ours: cosine schedule); this changes no cost.",
+]
+NO_GPU_NOTE = (
+    "GPU rows (channels_last, AMP bf16, torch.compile) were not measured here (no GPU on this "
+    "machine)."
+)
 
 
 def main(argv=None) -> None:
@@ -274,12 +263,12 @@ def main(argv=None) -> None:
     )
     loads["end"] = common.load_average()
     common.write_results(
-        "vs_torch" if not args.quick else "vs_torch_quick",
+        "vs_torch",
+        args,
         title="sam_optax vs PyTorch SAM (two-step optimizer with closure), ResNet-18",
         tables=[("", rows, COLUMNS)],
-        out_dir=args.out_dir,
         loads=loads,
-        notes=notes(on_gpu),
+        notes=NOTES if on_gpu else [*NOTES, NO_GPU_NOTE],
         extra={"samples": common.samples_rows(samples)},
     )
 
