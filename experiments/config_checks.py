@@ -25,16 +25,50 @@ ASCENT_ON_EVERY_STEP: Mapping[str, Any] = dict(
 SAM_ONLY_OFF: Mapping[str, Any] = dict(**ASCENT_ON_EVERY_STEP, sam_micro_batch=0, adaptive=False)
 
 
+# The numeric flags with a lower bound: field -> (its smallest value, what a boundary value means).
+MINIMUMS: Mapping[str, tuple[int, str]] = dict(
+    rho=(0, ""),
+    eta=(0, "ASAM's T = |w| + eta"),
+    weight_decay=(0, ""),
+    momentum=(0, ""),
+    warmup_epochs=(0, ""),
+    sparse_sam_update_epochs=(1, ""),
+    ascent_steps=(1, ""),
+    looksam_k=(1, "1 gives SAM"),
+    epochs=(1, ""),
+    batch_size=(1, ""),
+    eval_batch_size=(1, ""),
+    sam_every=(1, "1: every step"),
+    sam_micro_batch=(0, "0: off"),
+    eval_every=(1, ""),
+    checkpoint_every=(1, ""),
+    log_every_steps=(1, ""),
+    keep_checkpoints=(1, ""),
+    num_devices=(0, "0: all devices"),
+    num_processes=(0, "0: detected from the environment"),
+    distributed_timeout=(0, "seconds; 0: JAX's defaults"),
+    stop_after_epoch=(0, "0: run to --epochs"),
+    validation_size=(0, ""),
+    crop_padding=(0, ""),
+    train_size=(0, "0: all"),
+)
+
+
+def _minimum_errors(config: TrainConfig) -> list[str]:
+    errors = []
+    for name, (minimum, meaning) in MINIMUMS.items():
+        value = getattr(config, name)
+        if value < minimum:
+            flag = "--" + name.replace("_", "-")
+            hint = f" ({meaning})" if meaning else ""
+            errors.append(f"{flag} must be >= {minimum}{hint}, got {value}.")
+    return errors
+
+
 def _optimizer_errors(config: TrainConfig) -> list[str]:
     errors = []
     if not config.learning_rate > 0:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
-    if config.rho < 0:
-        errors.append(f"--rho must be >= 0, got {config.rho}.")
-    if config.eta < 0:
-        errors.append(f"--eta must be >= 0 (ASAM's T = |w| + eta), got {config.eta}.")
-    if config.weight_decay < 0 or config.momentum < 0 or config.warmup_epochs < 0:
-        errors.append("--weight-decay, --momentum and --warmup-epochs must be >= 0.")
     if config.optimizer == optimizer_registry.BASELINE:
         for name, off in SAM_ONLY_OFF.items():
             if getattr(config, name) != off:
@@ -52,16 +86,8 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
         errors.append(
             f"--sparse-sam-sparsity must lie in [0, 1) (0: SAM), got {config.sparse_sam_sparsity}."
         )
-    if config.sparse_sam_update_epochs < 1:
-        errors.append(
-            f"--sparse-sam-update-epochs must be >= 1, got {config.sparse_sam_update_epochs}."
-        )
     if config.esam_beta == 0 or config.esam_gamma == 0:
         errors.append("--esam-beta and --esam-gamma must be > 0 (1 turns each part of ESAM off).")
-    if config.ascent_steps < 1:
-        errors.append(f"--ascent-steps must be >= 1, got {config.ascent_steps}.")
-    if config.looksam_k < 1:
-        errors.append(f"--looksam-k must be >= 1 (1 gives SAM), got {config.looksam_k}.")
     for flag, value, low, high in (
         ("--gsam-alpha", config.gsam_alpha, 0.0, math.inf),
         ("--looksam-alpha", config.looksam_alpha, 0.0, math.inf),
@@ -84,10 +110,6 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
 
 def _schedule_errors(config: TrainConfig) -> list[str]:
     errors = []
-    if config.epochs < 1:
-        errors.append(f"--epochs must be >= 1, got {config.epochs}.")
-    if config.batch_size < 1 or config.eval_batch_size < 1:
-        errors.append("--batch-size and --eval-batch-size must be >= 1.")
     if not 0 <= config.sam_start_epoch < config.epochs:
         errors.append(
             f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
@@ -99,16 +121,10 @@ def _schedule_errors(config: TrainConfig) -> list[str]:
         )
     elif config.sam_last_fraction and config.sam_start_epoch:
         errors.append("--sam-last-fraction and --sam-start-epoch exclude each other: pick one.")
-    if config.sam_every < 1:
-        errors.append(f"--sam-every must be >= 1 (1: every step), got {config.sam_every}.")
     if not 0 < config.sam_probability <= 1:
         errors.append(
             f"--sam-probability must lie in (0, 1] (1: every step), got {config.sam_probability}."
         )
-    if config.sam_micro_batch < 0:
-        errors.append(f"--sam-micro-batch must be >= 0 (0: off), got {config.sam_micro_batch}.")
-    if config.eval_every < 1 or config.checkpoint_every < 1 or config.log_every_steps < 1:
-        errors.append("--eval-every, --checkpoint-every and --log-every-steps must be >= 1.")
     try:
         lr_milestones(config)
     except ValueError as e:
@@ -119,21 +135,13 @@ def _schedule_errors(config: TrainConfig) -> list[str]:
 def _run_errors(config: TrainConfig) -> list[str]:
     """The hardware, multi-host and output-folder flags."""
     errors = []
-    if config.keep_checkpoints < 1:
-        errors.append("--keep-checkpoints must be >= 1.")
-    if config.num_devices < 0:
-        errors.append("--num-devices must be >= 0 (0 means all devices).")
-    if config.num_processes < 0 or config.process_id < -1:
-        errors.append("--num-processes must be >= 0 and --process-id >= 0 (or unset).")
+    if config.process_id < -1:
+        errors.append(f"--process-id must be >= 0 (or unset), got {config.process_id}.")
     elif config.num_processes and config.process_id >= config.num_processes:
         errors.append(
             f"--process-id {config.process_id} must lie in [0, --num-processes) = "
             f"[0, {config.num_processes})."
         )
-    if config.distributed_timeout < 0:
-        errors.append("--distributed-timeout must be >= 0 seconds (0: JAX's defaults).")
-    if config.stop_after_epoch < 0:
-        errors.append("--stop-after-epoch must be >= 0.")
     if config.resume and config.overwrite:
         errors.append("--resume and --overwrite exclude each other: pick one.")
     return errors
@@ -142,12 +150,6 @@ def _run_errors(config: TrainConfig) -> list[str]:
 def _data_errors(config: TrainConfig) -> list[str]:
     """The data, augmentation and model flags."""
     errors = []
-    if config.validation_size < 0:
-        errors.append("--validation-size must be >= 0.")
-    if config.crop_padding < 0:
-        errors.append(f"--crop-padding must be >= 0, got {config.crop_padding}.")
-    if config.train_size < 0:
-        errors.append(f"--train-size must be >= 0 (0: all), got {config.train_size}.")
     if not (math.isfinite(config.label_noise) and 0 <= config.label_noise < 1):
         errors.append(f"--label-noise must be a fraction in [0, 1), got {config.label_noise}.")
     if config.label_noise_mode not in LABEL_NOISE_MODES:
@@ -186,7 +188,7 @@ def _non_finite_floats(config: TrainConfig) -> list[str]:
 
 def errors(config: TrainConfig) -> list[str]:
     """Every error line of `config` (filled in by ``resolve``): empty when it is valid."""
-    found = _non_finite_floats(config)
+    found = _non_finite_floats(config) + _minimum_errors(config)
     for check in (_optimizer_errors, _schedule_errors, _run_errors, _data_errors):
         found += check(config)
     return found

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from experiments import config as config_lib
-from experiments import data, optimizer_registry, presets
+from experiments import config_checks, data, optimizer_registry, presets
 from experiments import train as train_cli
 
 
@@ -64,6 +64,14 @@ def test_resolve_fills_dataset_and_optimizer_defaults():
 def test_resolve_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):
         config_lib.resolve(config_lib.TrainConfig(**changes))
+
+
+@pytest.mark.parametrize("name", sorted(config_checks.MINIMUMS))
+def test_each_bounded_flag_below_its_minimum_is_named(name):
+    minimum, _ = config_checks.MINIMUMS[name]
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} must be >= {minimum}.*got {minimum - 1}"):
+        config_lib.resolve(config_lib.TrainConfig(**{name: minimum - 1}))
 
 
 def test_help_lists_every_preset(capsys):
