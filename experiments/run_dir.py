@@ -85,17 +85,26 @@ def _protected(path: str) -> str | None:
     return None
 
 
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """The JSON object in the file `path`, None when there is no such file.
+
+    Raises OSError when it cannot be read and ValueError when it is not a JSON object (garbled
+    JSON and undecodable bytes are ValueErrors too)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_saved_config(output_dir: str) -> dict[str, Any] | None:
     """The run's saved ``config.json`` (None when there is none); a clear error when garbled."""
     path = os.path.join(output_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            saved = json.load(f)
-        if not isinstance(saved, dict):
-            raise ValueError(f"expected a JSON object, found {type(saved).__name__}")
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        saved = read_json_object(path)
+    except ValueError as e:
         raise config_lib.ConfigError(
             f"{path} is empty or garbled ({e}), so the flags of that run are unknown. Restore "
             "it, or start afresh with --overwrite or another --output-dir."
@@ -141,15 +150,12 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     the fields that differ: the folder's name does not say, and retraining would erase it.
     """
     path = os.path.join(config.output_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as f:
-            summary = json.load(f)
-        if not isinstance(summary, dict):
-            raise ValueError("not a JSON object")
+        summary = read_json_object(path)
     except (OSError, ValueError) as e:
         log(f"{path} cannot be read ({e}): the run is not done, resuming it.")
+        return None
+    if summary is None:
         return None
     saved = read_saved_config(config.output_dir)
     differences = config_differences(saved, config) if saved else []
@@ -203,9 +209,7 @@ class DirLock:
 
     def _holder(self) -> dict[str, Any]:
         try:
-            with open(self.path) as f:
-                holder = json.load(f)
-            return holder if isinstance(holder, dict) else {}
+            return read_json_object(self.path) or {}
         except (OSError, ValueError):
             return {}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import optimizer_registry
+from experiments import optimizer_registry, run_dir
 from experiments.papers import cached_runs, label_noise, late_phase_fashion, refresh_figures
 
 
@@ -43,7 +43,9 @@ def test_label_noise_end_to_end_skips_what_is_done_and_redoes_what_changed(tmp_p
     for noise in ("clean", "symmetric50"):
         for run in ("sgd-s0", "sgd-s1", "sam-s0", "sam-s1"):
             assert os.path.exists(os.path.join(out, "runs", noise, run, "summary.json"))
-    noisy = cached_runs.read_summary(os.path.join(out, "runs", "symmetric50", "sam-s0"))
+    noisy = run_dir.read_json_object(
+        os.path.join(out, "runs", "symmetric50", "sam-s0", run_dir.SUMMARY_FILE)
+    )
     assert noisy["label_noise"] == 0.5 and noisy["noisy_labels"] == 24
     assert len(info["table"]) == 4
     with open(os.path.join(out, "table.md")) as f:

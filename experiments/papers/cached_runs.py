@@ -10,7 +10,6 @@ once finished (by the rule of :func:`experiments.run_dir.finished_summary`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -23,11 +22,6 @@ def is_done(config: TrainConfig) -> bool:
     """Whether `config.output_dir` holds a finished run of exactly `config` (resolved); a
     finished run of another configuration is refused (:func:`run_dir.finished_summary`)."""
     return run_dir.finished_summary(config) is not None
-
-
-def read_summary(output_dir: str) -> dict[str, Any]:
-    with open(os.path.join(output_dir, run_dir.SUMMARY_FILE)) as f:
-        return json.load(f)
 
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:
