@@ -193,7 +193,7 @@ def run_all(args: EfficiencyConfig) -> list[dict[str, Any]]:
 # The table.
 # --------------------------------------------------------------------------------------------
 
-METRICS = {"final": "final_test_accuracy", "best_val": "test_accuracy_at_best_val"}
+METRICS = label_noise.METRICS
 
 
 def median_train_time(results: Sequence[Mapping[str, Any]], method: str) -> float:
@@ -212,12 +212,12 @@ def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> l
         for method in args.methods:
             runs = [r for r in results if r["noise_rate"] == rate and r["method"] == method]
             entry = dict(
-                method=method, label=METHODS[method].label, noise_rate=rate, seeds=len(runs)
+                method=method,
+                label=METHODS[method].label,
+                noise_rate=rate,
+                seeds=len(runs),
+                **label_noise.metric_stats(runs),
             )
-            for key, field in METRICS.items():
-                entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std(
-                    [r[field] for r in runs]
-                )
             # A diverged run's accuracy counts (it is what the method gave); its cost is that of
             # the seeds that finished (NaN, and no point in the figures, if none did).
             finished = [r for r in runs if not r["diverged"]]
@@ -232,18 +232,15 @@ def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> l
         base, sam = stats[BASELINE], stats[FULL_SAM]
         for entry in stats.values():
             entry["train_time_vs_sgd"] = entry["train_time_s"] / base["train_time_s"]
+            label_noise.compare_to_baseline(entry, base, entry["method"] == BASELINE)
             for key in METRICS:
-                diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
                 gain = sam[f"{key}_mean"] - base[f"{key}_mean"]
-                entry[f"{key}_diff_to_sgd"] = diff
                 # A share of a gain within the seeds' spread would be noise divided by noise.
                 real_gain = gain > 0 and label_noise.significant(
                     gain, sam[f"{key}_std"], base[f"{key}_std"]
                 )
-                entry[f"{key}_share_of_sam_gain"] = diff / gain if real_gain else float("nan")
-                entry[f"{key}_beyond_spread"] = entry["method"] != BASELINE and (
-                    label_noise.significant(diff, entry[f"{key}_std"], base[f"{key}_std"])
-                )
+                share = entry[f"{key}_diff_to_sgd"] / gain if real_gain else float("nan")
+                entry[f"{key}_share_of_sam_gain"] = share
             table.append(entry)
     return table
 

@@ -278,6 +278,27 @@ def significant(diff: float, std_a: float, std_b: float) -> bool:
     return bool(abs(diff) > std_a + std_b)
 
 
+def metric_stats(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Each metric's mean and std over the seeds' summaries (``<key>_mean``, ``<key>_std``)."""
+    stats = {}
+    for key, field in METRICS.items():
+        stats[f"{key}_mean"], stats[f"{key}_std"] = reporting.mean_std(
+            [s[field] for s in summaries]
+        )
+    return stats
+
+
+def compare_to_baseline(entry: dict[str, Any], base: Mapping[str, Any], is_baseline: bool) -> None:
+    """Adds to `entry` each metric's difference to the baseline's mean (``<key>_diff_to_sgd``)
+    and whether it exceeds the spread of the two (``<key>_beyond_spread``)."""
+    for key in METRICS:
+        diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
+        entry[f"{key}_diff_to_sgd"] = diff
+        entry[f"{key}_beyond_spread"] = not is_baseline and significant(
+            diff, entry[f"{key}_std"], base[f"{key}_std"]
+        )
+
+
 def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> list[dict]:
     """One row per (optimizer, noise rate): means, stds and the differences to SGD."""
     table = []
@@ -291,11 +312,8 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
                 noise_rate=rate,
                 rho=runs[0]["rho"],
                 seeds=len(runs),
+                **metric_stats([r["summary"] for r in runs]),
             )
-            for key, field in METRICS.items():
-                entry[f"{key}_mean"], entry[f"{key}_std"] = reporting.mean_std(
-                    [r["summary"][field] for r in runs]
-                )
             entry["best_val_epoch_mean"] = float(
                 np.mean([r["summary"]["best_val_epoch"] for r in runs])
             )
@@ -305,13 +323,7 @@ def summarize(results: Sequence[Mapping[str, Any]], args: LabelNoiseConfig) -> l
             stats[optimizer] = entry
         base = stats[optimizer_registry.BASELINE]
         for optimizer, entry in stats.items():
-            for key in METRICS:
-                diff = entry[f"{key}_mean"] - base[f"{key}_mean"]
-                entry[f"{key}_diff_to_sgd"] = diff
-                entry[f"{key}_beyond_spread"] = (
-                    optimizer != optimizer_registry.BASELINE
-                    and significant(diff, entry[f"{key}_std"], base[f"{key}_std"])
-                )
+            compare_to_baseline(entry, base, optimizer == optimizer_registry.BASELINE)
             table.append(entry)
     return table
 
