@@ -26,8 +26,9 @@ def _projection_shortcut(block: nn.Module, x: jax.Array, shape: tuple[int, ...])
     return block.norm(name="proj_bn")(shortcut)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (post-activation); a 1x1 projection when the shape changes."""
+class ResidualBlock(nn.Module):
+    """The fields of a ResNet block: its filters (times `expansion` at its output), the stride
+    of its strided convolution, and the model's convolution and BatchNorm constructors."""
 
     features: int
     strides: int
@@ -35,6 +36,10 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
 
     expansion = 1
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions (post-activation); a 1x1 projection when the shape changes."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,13 +50,8 @@ class BasicBlock(nn.Module):
         return nn.relu(y + _projection_shortcut(self, x, y.shape))
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4; a 1x1 projection when the shape changes."""
-
-    features: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
 
     expansion = 4
 
