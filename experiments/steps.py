@@ -168,20 +168,7 @@ def make_train_step(
                 grad_fn = sam_optax.esam_selected_grad_fn(
                     selection_loss_fn, (images, labels), losses, select_fraction
                 )
-        if micro_batch:
-            # Each micro-batch's gradient at its own perturbed weights (m-sharpness).
-            batches = jax.tree.map(
-                lambda x: x.reshape(-1, micro_batch, *x.shape[1:]), (images, labels)
-            )
-            updates, opt_state = tx.update(
-                None,
-                state.opt_state,
-                state.params,
-                grad_fn=lambda p, batch: grad_fn(p, *batch),
-                micro_batches=batches,
-            )
-        else:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+        updates, opt_state = _update(tx, state, grads, grad_fn, (images, labels), micro_batch)
         params = optax.apply_updates(state.params, updates)
 
         accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
@@ -195,6 +182,21 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def _update(tx, state: TrainState, grads, grad_fn, batch, micro_batch: int):
+    """`tx`'s update from the device's gradient, or with `micro_batch` = m > 0 from each m
+    examples' gradient at their own perturbed weights (m-sharpness)."""
+    if not micro_batch:
+        return tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    micro_batches = jax.tree.map(lambda x: x.reshape(-1, micro_batch, *x.shape[1:]), batch)
+    return tx.update(
+        None,
+        state.opt_state,
+        state.params,
+        grad_fn=lambda p, micro: grad_fn(p, *micro),
+        micro_batches=micro_batches,
+    )
 
 
 @jax.jit
