@@ -158,7 +158,7 @@ def _data_errors(config: TrainConfig) -> list[str]:
             f"{config.label_noise_mode!r}."
         )
     try:
-        kwargs = model_kwargs(config)
+        kwargs = model_kwargs(config.model_kwargs)
         if config.model in models.MODELS:  # the fields the model takes (nothing is built)
             models.create_model(config.model, num_classes=2, **kwargs)
     except TypeError as e:
@@ -207,15 +207,16 @@ def lr_milestones(config: TrainConfig) -> list[int]:
         ) from None
 
 
-def model_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The --model-kwargs JSON as a dict."""
-    if not config.model_kwargs.strip():
+def model_kwargs(text: str) -> dict[str, Any]:
+    """The --model-kwargs JSON text as a dict (ValueError naming the flag when it is not an
+    object)."""
+    if not text.strip():
         return {}
     try:
-        value = json.loads(config.model_kwargs)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--model-kwargs must be a JSON object: {e}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {config.model_kwargs!r}.")
+        raise ValueError(f"--model-kwargs must be a JSON object, got {text!r}.")
     # Tuples, not lists: Flax module fields must be hashable.
     return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}

@@ -196,7 +196,7 @@ def create_experiment(
         config.model,
         num_classes=dataset.num_classes,
         dtype=dtype,
-        **config_lib.model_kwargs(config),
+        **config_lib.model_kwargs(config.model_kwargs),
     )
     learning_rate = optimizers.learning_rate_schedule(config, steps_per_epoch)
     tx = optimizers.build_optimizer(

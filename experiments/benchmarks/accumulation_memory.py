@@ -30,6 +30,7 @@ import optax
 
 import sam_optax
 from experiments import reporting
+from experiments.benchmarks import common
 
 MODES = ("per_micro_batch", "global", "vmap", "whole_batch")
 
@@ -141,12 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.quick:
         args.micro_batch, args.size, args.width, args.ks = 4, 8, 4, "1,4"
-    try:
-        ks = [int(k) for k in args.ks.split(",")]
-    except ValueError:
-        parser.error(f"--ks takes comma-separated integers such as 1,2,4, got {args.ks!r}")
-    if min(ks) < 1:
-        parser.error(f"--ks takes positive numbers of micro-batches, got {args.ks!r}")
+    ks = common.positive_ints(args.ks, "--ks")
     rows = [measure(mode, k, args.micro_batch, args.size, args.width) for mode in MODES for k in ks]
     report = markdown(rows, args)
     print(report)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import config as config_lib
 from experiments import data, models, reporting, runtime, steps, trainer
 
 # Where a script writes by default (git-ignored). The measurements the READMEs cite are kept in
@@ -510,6 +511,29 @@ def add_model_arguments(
     if batch_size is not None:
         parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+
+
+def positive_ints(text: str, flag: str) -> list[int]:
+    """A flag's comma-separated positive integers (``1,2,4``); anything else ends the script with
+    exit status 2."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        runtime.fail(
+            f"{flag} takes comma-separated positive integers such as 1,2,4, got {text!r}.",
+            runtime.ExitStatus.BAD_INPUT,
+        )
+    return values
+
+
+def model_kwargs(text: str) -> dict[str, Any]:
+    """The --model-kwargs JSON as a dict; a bad one ends the script with exit status 2."""
+    try:
+        return config_lib.model_kwargs(text)
+    except ValueError as e:
+        runtime.fail(e, runtime.ExitStatus.BAD_INPUT)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: int = 1) -> None:

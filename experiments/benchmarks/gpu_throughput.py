@@ -20,13 +20,11 @@ or the Python loop is a bottleneck (a ratio near 1 says no).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 
 import jax
 
-from experiments import trainer
+from experiments import runtime, trainer
 from experiments.benchmarks import common
 
 PASSES = {"sgd": 1, "sam": 2, "stable_sam": 2}
@@ -180,13 +178,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if not (on_gpu or args.quick or args.allow_cpu):
-        sys.exit(
+        runtime.fail(
             "gpu_throughput measures a GPU and JAX sees none. Run it with --quick for a smoke "
-            "run on the CPU, or --allow-cpu to time the full sizes anyway."
+            "run on the CPU, or --allow-cpu to time the full sizes anyway.",
+            runtime.ExitStatus.BAD_INPUT,
         )
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.batch_sizes = common.positive_ints(args.batch_sizes, "--batch-sizes")
     args.optimizers = args.optimizers.split(",")
-    args.model_kwargs_dict = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    args.model_kwargs_dict = common.model_kwargs(args.model_kwargs)
 
     loads = {"start": common.load_average()}
     dataset = common.synthetic_dataset(

@@ -24,7 +24,6 @@ whether SAM's program is two SGD passes and nothing more, independently of timin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
@@ -128,7 +127,7 @@ def predicted_ratios(update_ms: dict[str, float], step_ms: dict[str, float]) -> 
 
 
 def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[list, list, list]:
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = common.model_kwargs(args.model_kwargs)
     model, variables = common.init_model(
         model_name, dtype=args.dtype, model_kwargs=model_kwargs, seed=args.seed
     )

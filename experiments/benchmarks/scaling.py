@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
 
     n = args.worker
     batch = n * args.per_device_batch
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = common.model_kwargs(args.model_kwargs)
     dataset = common.synthetic_dataset(batch * 2, num_test=0, seed=args.seed)
     steps = {}
     for name, devices in ((f"{n} devices", n), ("1 device", 1)):
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
 
     loads = {"start": common.load_average()}
     rows = []
-    for n in (int(d) for d in args.devices.split(",")):
+    for n in common.positive_ints(args.devices, "--devices"):
         command = [sys.executable, "-m", "experiments.benchmarks.scaling", "--worker", str(n)]
         command += [a for a in (argv if argv is not None else sys.argv[1:])]
         if args.quick and "--devices" not in command:

@@ -32,7 +32,6 @@ show the pass count. GPUs do not have this problem: use ``--model`` with a zoo m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -344,7 +343,7 @@ def time_updates(params, args) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = common.model_kwargs(args.model_kwargs)
     model, variables = init_model(args.model, model_kwargs, args.seed)
     images, labels = common.synthetic_batch(args.batch_size, seed=args.seed)
     images, labels = jnp.asarray(images), jnp.asarray(labels)

@@ -21,7 +21,6 @@ optimizer state each keeps between steps. Target: not slower, no more memory.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +63,7 @@ def max_abs_difference(a: Any, b: Any) -> float:
 
 
 def run_model(model_name: str, args: argparse.Namespace, log=print):
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = common.model_kwargs(args.model_kwargs)
     model, variables = common.init_model(
         model_name, dtype=args.dtype, model_kwargs=model_kwargs, seed=args.seed
     )

@@ -25,7 +25,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -206,7 +205,7 @@ def main(argv=None) -> None:
     from experiments.benchmarks import torch_sam
 
     loads = {"start": common.load_average()}
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kwargs = common.model_kwargs(args.model_kwargs)
     on_gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
     device = torch.device("cuda" if on_gpu else "cpu")
     threads = args.threads or os.cpu_count()
