@@ -172,3 +172,19 @@ def test_run_all_lists_every_script():
     assert len(quick) == len(run_all.SCRIPTS)
     assert not any("gpu_throughput" in c[2] for c in cpu)
     assert any("gpu_throughput" in c[2] for c in gpu) and all("--quick" in c for c in quick)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: common.positive_ints("1,x", "--ks"), "--ks takes comma-separated positive"),
+        (lambda: common.positive_ints("0,2", "--devices"), "--devices takes comma-separated"),
+        (lambda: common.model_kwargs("[1"), "--model-kwargs must be a JSON object"),
+    ],
+)
+def test_bad_benchmark_flags_end_with_one_line_and_status_2(call, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
