@@ -451,6 +451,36 @@ def build_parser(
     return parser
 
 
+def protocol_parser(
+    module: str,
+    description: str,
+    protocol: type,
+    *,
+    exclude: Iterable[str],
+    defaults: Mapping[str, Any] | None = None,
+    protocol_presets: Sequence[str] = (),
+    default_preset: str | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    suppress_defaults: bool = False,
+) -> argparse.ArgumentParser:
+    """The command line of the protocol that ``python -m <module>`` runs (a sweep, a paper's
+    experiment): the `protocol` dataclass's own flags, then the training flags but the ones it
+    sets itself (`exclude`), at its `defaults`; ``--preset`` picks one of `protocol_presets`.
+    `description`: the module's docstring (its first paragraph is shown)."""
+    return build_parser(
+        prog=f"python -m {module}",
+        description=description.split("\n\n")[0],
+        protocol=protocol,
+        protocol_title=module.rsplit(".", 1)[-1],
+        defaults=defaults,
+        exclude=exclude,
+        aliases=aliases,
+        preset_names=tuple(protocol_presets),
+        default_preset=default_preset,
+        suppress_defaults=suppress_defaults,
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parses a command line into an (unresolved) :class:`TrainConfig`.
 

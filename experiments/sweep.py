@@ -119,17 +119,13 @@ class SweepConfig:
 
 
 def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    return config_lib.build_parser(
-        prog="python -m experiments.sweep",
-        description=(
-            "Run the StableSAM paper's protocol: SGD grid over learning rate x weight decay, "
-            "rho grid per SAM variant, then several seeds of each best configuration; write "
-            "table.md, table.csv, results.csv and curves.png to --output-dir."
-        ),
-        protocol=SweepConfig,
-        protocol_title="sweep",
+    return config_lib.protocol_parser(
+        "experiments.sweep",
+        "Run the StableSAM paper's protocol: SGD grid over learning rate x weight decay, rho grid "
+        "per SAM variant, then several seeds of each best configuration; write table.md, "
+        "table.csv, results.csv and curves.png to --output-dir.",
+        SweepConfig,
         exclude=_SWEPT_FIELDS,
-        preset_names=(),
         suppress_defaults=suppress_defaults,
     )
 

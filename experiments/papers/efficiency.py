@@ -124,7 +124,7 @@ _PROTOCOL_FIELDS = (
 
 def build_parser(*, suppress_defaults: bool = False):
     return label_noise.protocol_parser(
-        NAME, __doc__, EfficiencyConfig, exclude=_PROTOCOL_FIELDS,
+        f"experiments.papers.{NAME}", __doc__, EfficiencyConfig, exclude=_PROTOCOL_FIELDS,
         suppress_defaults=suppress_defaults,
     )  # fmt: skip
 

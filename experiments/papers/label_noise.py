@@ -137,31 +137,32 @@ class LabelNoiseConfig:
 
 
 def protocol_parser(
-    name: str,
+    module: str,
     doc: str,
     protocol: type,
     *,
     exclude: Sequence[str] = PROTOCOL_FIELDS,
     suppress_defaults: bool = False,
 ) -> argparse.ArgumentParser:
-    """The command line of a protocol on this preset's runs: the training flags (less those in
-    `exclude`) and the `protocol` dataclass's own."""
-    return config_lib.build_parser(
-        prog=f"python -m experiments.papers.{name}",
-        description=doc.split("\n\n")[0],
-        protocol=protocol,
-        protocol_title=name,
-        defaults={**RUN_DEFAULTS, **PRESETS[DEFAULT_PRESET]},
+    """The command line of a protocol on this module's presets of runs: the training flags (less
+    those in `exclude`) and the `protocol` dataclass's own."""
+    return config_lib.protocol_parser(
+        module,
+        doc,
+        protocol,
         exclude=exclude,
-        aliases={"label_noise_mode": ("--noise-mode",)},
-        preset_names=tuple(PRESETS),
+        defaults={**RUN_DEFAULTS, **PRESETS[DEFAULT_PRESET]},
+        protocol_presets=tuple(PRESETS),
         default_preset=DEFAULT_PRESET,
+        aliases={"label_noise_mode": ("--noise-mode",)},
         suppress_defaults=suppress_defaults,
     )
 
 
 def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    return protocol_parser(NAME, __doc__, LabelNoiseConfig, suppress_defaults=suppress_defaults)
+    return protocol_parser(
+        f"experiments.papers.{NAME}", __doc__, LabelNoiseConfig, suppress_defaults=suppress_defaults
+    )
 
 
 def check_noise_rates(rates: Sequence[float], seeds: int, parser_fn) -> tuple[float, ...]:

@@ -102,14 +102,12 @@ class LatePhaseFashionConfig:
 
 
 def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    return config_lib.build_parser(
-        prog=f"python -m experiments.papers.{NAME}",
-        description=__doc__.split("\n\n")[0],
-        protocol=LatePhaseFashionConfig,
-        protocol_title=NAME,
+    return config_lib.protocol_parser(
+        f"experiments.papers.{NAME}",
+        __doc__,
+        LatePhaseFashionConfig,
         defaults=RUN_DEFAULTS,
         exclude=_PROTOCOL_FIELDS,
-        preset_names=(),
         suppress_defaults=suppress_defaults,
     )
 
