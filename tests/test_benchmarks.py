@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import sam_optax
-from experiments.benchmarks import common, run_all, vs_optax_contrib
+from experiments.benchmarks import common, run_all, timing, vs_optax_contrib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,24 +145,24 @@ def test_torch_sam_restores_weights_and_freezes_bn_in_second_pass():
 
 def test_interleave_runs_every_config_once_per_round_and_summarizes():
     calls = []
-    benches = [common.Bench(n, lambda n=n: calls.append(n), block=lambda _: None) for n in "abc"]
-    samples = common.interleave(benches, warmup=1, rounds=4, log=lambda _: None)
+    benches = [timing.Bench(n, lambda n=n: calls.append(n), block=lambda _: None) for n in "abc"]
+    samples = timing.interleave(benches, warmup=1, rounds=4, log=lambda _: None)
     rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
     assert rounds[0] == list("abc")  # warm-up in the given order
     assert len(rounds) == 5 and all(sorted(r) == list("abc") for r in rounds)
     assert len({tuple(r) for r in rounds[1:]}) > 1  # the order changes between rounds
     assert all(len(v) == 4 for v in samples.values())
-    stats = common.summarize(samples["a"])
+    stats = timing.summarize(samples["a"])
     assert stats["n"] == 4 and stats["min_ms"] <= stats["median_ms"] <= stats["p75_ms"] + 1e-9
 
 
 def test_hlo_op_counts_and_memory_of_a_compiled_function():
     compiled = jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.ones((4, 4))).compile()
-    counts = common.hlo_op_counts(compiled)
+    counts = timing.hlo_op_counts(compiled)
     assert counts["dot"] + counts["custom-call"] + counts["fusion"] >= 1
-    memory = common.memory(compiled)
+    memory = timing.memory(compiled)
     assert memory["argument_mib"] > 0 and memory["total_mib"] > 0
-    assert common.cost(compiled)["xla_gflops"] > 0
+    assert timing.cost(compiled)["xla_gflops"] > 0
 
 
 def test_run_all_lists_every_script():

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 # (spatial size, channels) of the 3x3 convolutions in ResNet-18's four stages on 32x32 inputs.
 RESNET18_STAGES = ((32, 64), (16, 128), (8, 256), (4, 512))
 
 
-def jax_bench(batch: int, size: int, channels: int, seed: int) -> common.Bench:
+def jax_bench(batch: int, size: int, channels: int, seed: int) -> timing.Bench:
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((batch, size, size, channels), np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * 0.05)
@@ -39,10 +39,10 @@ def jax_bench(batch: int, size: int, channels: int, seed: int) -> common.Bench:
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(grad(x, w))
-    return common.Bench(f"xla {size}x{size}x{channels}", lambda: grad(x, w))
+    return timing.Bench(f"xla {size}x{size}x{channels}", lambda: grad(x, w))
 
 
-def torch_bench(batch: int, size: int, channels: int, seed: int) -> common.Bench:
+def torch_bench(batch: int, size: int, channels: int, seed: int) -> timing.Bench:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -57,7 +57,7 @@ def torch_bench(batch: int, size: int, channels: int, seed: int) -> common.Bench
         y.backward(cotangent)
         return w.grad
 
-    return common.Bench(f"torch {size}x{size}x{channels}", step, block=lambda _: None)
+    return timing.Bench(f"torch {size}x{size}x{channels}", step, block=lambda _: None)
 
 
 def main(argv=None) -> None:
@@ -84,13 +84,13 @@ def main(argv=None) -> None:
         benches = [jax_bench(args.batch_size, size, channels, args.seed)]
         if use_torch:
             benches.append(torch_bench(args.batch_size, size, channels, args.seed))
-        samples = common.interleave(
+        samples = timing.interleave(
             benches, warmup=args.warmup, rounds=args.rounds, log=lambda _: None
         )
         gflop = 3 * 2 * args.batch_size * size * size * channels * channels * 9 / 1e9
         medians = {}
         for bench in benches:
-            stats = common.summarize(samples[bench.name])
+            stats = timing.summarize(samples[bench.name])
             medians[bench.name.split()[0]] = stats["median_ms"]
             rows.append(
                 {

@@ -25,7 +25,7 @@ import tempfile
 import jax
 
 from experiments import runtime, trainer
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 PASSES = {"sgd": 1, "sam": 2, "stable_sam": 2}
 
@@ -53,16 +53,16 @@ def run_model(model_name: str, args, dataset, log=print) -> list[dict]:
                 name, trainer.create_experiment(config, dataset)
             )
             log(f"{model_name} {name}: compiled in {steps[(optimizer, batch)].compile_s:.1f} s")
-    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
+    samples = timing.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     peak = args.peak_tflops * 1e12
     published = common.PUBLISHED_FWD_GFLOPS.get(model_name)
     if args.model_kwargs_dict:
         published = None  # a modified architecture: the published count does not apply
     rows = []
     for (optimizer, batch), step in steps.items():
-        stats = common.summarize(samples[step.name])
+        stats = timing.summarize(samples[step.name])
         seconds = stats["median_ms"] / 1e3
-        xla_gflops = common.cost(step.executable)["xla_gflops"]
+        xla_gflops = timing.cost(step.executable)["xla_gflops"]
         model_gflops = (
             published * 3 * PASSES.get(optimizer, 2) * batch if published is not None else None
         )

@@ -32,7 +32,7 @@ import jax
 
 from experiments import config as config_lib
 from experiments import trainer
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 GOAL = 0.95
 
@@ -92,13 +92,13 @@ class EpochRunner:
     def __init__(self, name: str, run_epoch: Callable[[Any, int], Any], state: Any):
         self.name, self.run_epoch, self.state, self.epoch = name, run_epoch, state, 0
 
-    def bench(self) -> common.Bench:
+    def bench(self) -> timing.Bench:
         def epoch():
             self.state = self.run_epoch(self.state, self.epoch)
             self.epoch += 1
             return self.state
 
-        return common.Bench(self.name, epoch)
+        return timing.Bench(self.name, epoch)
 
 
 def runners(experiment: trainer.Experiment, compiled: Callable) -> list[EpochRunner]:
@@ -135,7 +135,7 @@ def run_setting(
     """Times the three configurations of one setting; its result rows and raw samples."""
     experiment = build(setting, args.seed)
     config = experiment.config
-    compiled, compile_s = common.compile_timed(
+    compiled, compile_s = timing.compile_timed(
         experiment.train_step,
         experiment.state,
         experiment.splits["train"].images,
@@ -149,9 +149,9 @@ def run_setting(
         flush=True,
     )
     benches = [r.bench() for r in runners(experiment, compiled)]
-    samples = common.interleave_with_args(benches, args)
+    samples = timing.interleave_with_args(benches, args)
     images = experiment.steps_per_epoch * config.batch_size
-    stats = {n: common.summarize(v) for n, v in samples.items()}
+    stats = {n: timing.summarize(v) for n, v in samples.items()}
     rate = {n: images / s["median_ms"] * 1e3 for n, s in stats.items()}
     rows = []
     for config_name, s in stats.items():
@@ -178,7 +178,7 @@ def run_setting(
                 "load_1min": common.load_average()[0],
             }
         )
-    return rows, common.samples_rows(samples, setting=name)
+    return rows, timing.samples_rows(samples, setting=name)
 
 
 COLUMNS = [

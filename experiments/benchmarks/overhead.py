@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import optimizers
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 TARGETS = {
     "sam / (2 x sgd)": 1.03,
@@ -76,7 +76,7 @@ def ratios(stats: dict[str, dict[str, float]], key: str) -> dict[str, float]:
     }
 
 
-def optimizer_update_bench(name: str, tx, params, *, is_sam: bool) -> common.Bench:
+def optimizer_update_bench(name: str, tx, params, *, is_sam: bool) -> timing.Bench:
     """One jitted optimizer update alone (no forward-backward pass) on the model's parameters.
 
     SAM's ``grad_fn`` is replaced by a cheap gradient that depends on the perturbed weights,
@@ -110,7 +110,7 @@ def optimizer_update_bench(name: str, tx, params, *, is_sam: bool) -> common.Ben
         )
         return holder["params"]
 
-    return common.Bench(name, step)
+    return timing.Bench(name, step)
 
 
 def predicted_ratios(update_ms: dict[str, float], step_ms: dict[str, float]) -> dict[str, float]:
@@ -139,8 +139,8 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
     }
     steps = common.compile_flax_steps(model_name, model, variables, transformations, args, log)
 
-    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
-    stats = {name: common.summarize(values) for name, values in samples.items()}
+    samples = timing.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
+    stats = {name: timing.summarize(values) for name, values in samples.items()}
     analysis = {name: step.analysis() for name, step in steps.items()}
 
     log(f"{model_name}: optimizer updates alone ({args.update_rounds} rounds)")
@@ -155,10 +155,10 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
             model_name, args.batch_size, args.dtype, model_kwargs
         ).items()
     ]
-    update_samples = common.interleave(
+    update_samples = timing.interleave(
         update_benches, warmup=2, rounds=args.update_rounds, log=lambda _: None
     )
-    update_ms = {n: common.summarize(v)["median_ms"] for n, v in update_samples.items()}
+    update_ms = {n: timing.summarize(v)["median_ms"] for n, v in update_samples.items()}
     for name in stats:
         stats[name]["update_alone_median_ms"] = update_ms[name]
 
@@ -194,7 +194,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print) -> tuple[lis
         }
         for name, target in TARGETS.items()
     ]
-    return config_rows, ratio_rows, common.samples_rows(samples, model=model_name)
+    return config_rows, ratio_rows, timing.samples_rows(samples, model=model_name)
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ import jax
 
 # Importing these runs no JAX computation, so the worker can still set the device count.
 from experiments import parallel, trainer
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 RESULT_PREFIX = "SCALING_RESULT "
 
@@ -56,12 +56,12 @@ def worker(args: argparse.Namespace) -> None:
         mesh = parallel.create_mesh(devices)
         steps[name] = common.TrainerStep(name, trainer.create_experiment(config, dataset, mesh))
         print(f"[{n} devices] {name}: compiled in {steps[name].compile_s:.1f} s", flush=True)
-    samples = common.interleave_with_args(
+    samples = timing.interleave_with_args(
         [s.bench() for s in steps.values()],
         args,
         log=lambda line: print(f"[{n} devices]{line}", flush=True),
     )
-    sharded, single = (common.summarize(samples[name]) for name in steps)
+    sharded, single = (timing.summarize(samples[name]) for name in steps)
     sharded_step, single_step = steps.values()
     row = {
         "devices": n,
@@ -78,10 +78,10 @@ def worker(args: argparse.Namespace) -> None:
         "n_samples": sharded["n"],
         "sharded_compile_s": steps[f"{n} devices"].compile_s,
         "one_device_compile_s": steps["1 device"].compile_s,
-        "sharded_xla_gflops_per_device": common.cost(steps[f"{n} devices"].executable)[
+        "sharded_xla_gflops_per_device": timing.cost(steps[f"{n} devices"].executable)[
             "xla_gflops"
         ],
-        "one_device_xla_gflops_per_device": common.cost(steps["1 device"].executable)["xla_gflops"],
+        "one_device_xla_gflops_per_device": timing.cost(steps["1 device"].executable)["xla_gflops"],
         "load_1min": common.load_average()[0],
     }
     print(RESULT_PREFIX + json.dumps(row), flush=True)

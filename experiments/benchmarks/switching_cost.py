@@ -31,7 +31,7 @@ import jax
 
 from experiments import config as config_lib
 from experiments import optimizer_registry, optimizers, parallel, steps, trainer
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 EPOCHS, STEPS_PER_EPOCH, BATCH = 25, 39, 128
 # name -> (optimizer, flags, whether the host switches between two programs)
@@ -68,7 +68,7 @@ def in_step_schedule(experiment: trainer.Experiment, dataset: Any) -> trainer.Ex
 
 def method_bench(
     name: str, model: str, dataset: Any, model_kwargs: str
-) -> tuple[common.Bench, Any]:
+) -> tuple[timing.Bench, Any]:
     """One unit of 39 steps of method `name`, and a function of its pass count per step."""
     optimizer, flags, on_host = METHODS[name]
     config = config_lib.resolve(
@@ -106,7 +106,7 @@ def method_bench(
         evaluations = optimizer_registry.gradient_evaluations(optimizer, ascends, config, None)
         return evaluations / len(ascends)
 
-    return common.Bench(name, unit), passes_per_step
+    return timing.Bench(name, unit), passes_per_step
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in METHODS:
             bench, passes[name] = method_bench(name, model, dataset, model_kwargs[model])
             benches.append(bench)
-        samples = common.interleave_with_args(benches, args)
+        samples = timing.interleave_with_args(benches, args)
         base = statistics.median(s.wall_s for s in samples["sgd"])
         for name in METHODS:
             median = statistics.median(s.wall_s for s in samples[name])

@@ -18,7 +18,7 @@ LookSAM's and the schedule's steps alternate between one and two passes, so ever
 is a cycle of K consecutive steps (one SAM step in each), for every configuration alike: the
 medians are of cycles, and the per-step times are the cycle times divided by K. The
 configurations run round-robin, in a fresh random order each round, after warm-up rounds
-(``experiments.benchmarks.common.interleave``). The optimizer updates are also timed alone, to
+(``experiments.benchmarks.timing.interleave``). The optimizer updates are also timed alone, to
 separate each variant's own arithmetic from the passes.
 
 The default model is an MLP (3072-1024-1024-10) because of a known XLA:CPU problem
@@ -43,7 +43,7 @@ import optax
 
 import sam_optax
 from experiments import models
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "benchmarks")
 
@@ -138,16 +138,16 @@ class Cycle:
         self.state = (params, batch_stats, tx.init(params))
         self.images, self.labels = images, labels
         jitted = jax.jit(make_step(model, tx, is_sam=is_sam), donate_argnums=0)
-        self.compiled, self.compile_s = common.compile_timed(jitted, self.state, images, labels)
+        self.compiled, self.compile_s = timing.compile_timed(jitted, self.state, images, labels)
 
-    def bench(self) -> common.Bench:
+    def bench(self) -> timing.Bench:
         def run():
             loss = None
             for _ in range(self.k):
                 self.state, loss = self.compiled(self.state, self.images, self.labels)
             return loss
 
-        return common.Bench(self.name, run)
+        return timing.Bench(self.name, run)
 
 
 class UpdateCycle:
@@ -174,15 +174,15 @@ class UpdateCycle:
         self.opt_state = tx.init(self.params)
         self.grads = jax.tree.map(lambda w: 1e-3 + 1e-2 * w, params)
         jitted = jax.jit(update, donate_argnums=(0, 1))
-        self.compiled, _ = common.compile_timed(jitted, self.params, self.opt_state, self.grads)
+        self.compiled, _ = timing.compile_timed(jitted, self.params, self.opt_state, self.grads)
 
-    def bench(self) -> common.Bench:
+    def bench(self) -> timing.Bench:
         def run():
             for _ in range(self.k):
                 self.params, self.opt_state = self.compiled(self.params, self.opt_state, self.grads)
             return self.params
 
-        return common.Bench(self.name, run)
+        return timing.Bench(self.name, run)
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -317,7 +317,7 @@ def time_steps(model, variables, images, labels, args, loads) -> tuple[dict, dic
         )
         print(f"{name}: compiled in {cycles[name].compile_s:.1f} s", flush=True)
     loads["compiled"] = common.load_average()
-    samples = common.interleave_with_args(
+    samples = timing.interleave_with_args(
         [c.bench() for c in cycles.values()], args, seed=args.seed
     )
     loads["steps timed"] = common.load_average()
@@ -331,14 +331,14 @@ def time_updates(params, args) -> dict[str, dict[str, float]]:
         UpdateCycle(name, make_tx(factory), params, is_sam=is_sam, k=args.k)
         for name, (factory, is_sam) in variant_transforms(args.rho, args.k).items()
     ]
-    update_samples = common.interleave(
+    update_samples = timing.interleave(
         [u.bench() for u in updates],
         warmup=2,
         rounds=args.update_rounds,
         seed=args.seed,
         log=lambda _: None,
     )
-    return {name: common.summarize(values) for name, values in update_samples.items()}
+    return {name: timing.summarize(values) for name, values in update_samples.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
 
     loads = {"start": common.load_average()}
     cycles, samples = time_steps(model, variables, images, labels, args, loads)
-    stats = {name: common.summarize(values) for name, values in samples.items()}
+    stats = {name: timing.summarize(values) for name, values in samples.items()}
     update_stats = time_updates(variables["params"], args)
     loads["end"] = common.load_average()
     common.write_results(
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         tables=[("", rows_from(stats, update_stats, cycles, args), COLUMNS)],
         loads=loads,
         notes=notes(args),
-        extra={"samples": common.samples_rows(samples, model=args.model)},
+        extra={"samples": timing.samples_rows(samples, model=args.model)},
     )
 
 

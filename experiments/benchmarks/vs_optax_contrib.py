@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from experiments import optimizers
-from experiments.benchmarks import common
+from experiments.benchmarks import common, timing
 
 STEPS_PER_EPOCH = 390
 
@@ -105,10 +105,10 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
         f"(the step itself moved the params by up to {step_size:.3g})"
     )
 
-    samples = common.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
+    samples = timing.interleave_with_args([s.bench() for s in steps.values()], args, log=log)
     rows = []
     for name, step in steps.items():
-        stats = common.summarize(samples[name])
+        stats = timing.summarize(samples[name])
         rows.append(
             {
                 "model": model_name,
@@ -138,7 +138,7 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
     }
     comparison["not slower (wall)"] = "yes" if comparison["time ours/peer (wall)"] <= 1.0 else "NO"
     comparison["no more memory"] = "yes" if comparison["memory ours-peer (MiB)"] <= 0 else "NO"
-    return rows, comparison, common.samples_rows(samples, model=model_name)
+    return rows, comparison, timing.samples_rows(samples, model=model_name)
 
 
 def main(argv=None) -> None:

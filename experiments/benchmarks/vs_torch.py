@@ -30,7 +30,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 
 from experiments import models, optimizers  # noqa: E402
-from experiments.benchmarks import common  # noqa: E402
+from experiments.benchmarks import common, timing  # noqa: E402
 
 STEPS_PER_EPOCH = 390
 
@@ -67,7 +67,7 @@ def torch_bench(name, model, args, images, labels, *, amp_dtype, channels_last, 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return common.Bench(name, step, block)
+    return timing.Bench(name, step, block)
 
 
 COLUMNS = [
@@ -151,7 +151,7 @@ def torch_models(model_kwargs, device, *, channels_last, amp_dtype, use_compile)
     return nets
 
 
-def first_two_steps_s(bench: common.Bench) -> float:
+def first_two_steps_s(bench: timing.Bench) -> float:
     """Seconds of the first two steps, which build (torch.compile: compile) what later steps
     reuse."""
     start = time.perf_counter()
@@ -164,7 +164,7 @@ def result_rows(benches, samples, ours, first_step_s, args, *, device, threads, 
     """One row per implementation, with its speed-up of ours (the first row)."""
     rows = []
     for bench in benches:
-        stats = common.summarize(samples[bench.name])
+        stats = timing.summarize(samples[bench.name])
         rows.append(
             {
                 "implementation": bench.name,
@@ -249,7 +249,7 @@ def main(argv=None) -> None:
         print(f"{name}: first two steps took {first_step_s[name]:.1f} s")
         benches.append(bench)
 
-    samples = common.interleave_with_args(benches, args)
+    samples = timing.interleave_with_args(benches, args)
     rows = result_rows(
         benches,
         samples,
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
         tables=[("", rows, COLUMNS)],
         loads=loads,
         notes=NOTES if on_gpu else [*NOTES, NO_GPU_NOTE],
-        extra={"samples": common.samples_rows(samples)},
+        extra={"samples": timing.samples_rows(samples)},
     )
 
 
