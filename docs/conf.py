@@ -15,6 +15,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax from the sphinx-mathjax-offline package, copied into _static/mathjax: the built
+    # pages render their formulas with no network (sphinx.ext.mathjax alone loads a CDN).
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}

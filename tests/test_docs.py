@@ -107,3 +107,43 @@ def test_page_runs(page):
     namespace = {"__name__": "docs_" + re.sub(r"\W", "_", page)}
     for line, source in python_blocks(page):
         exec(compile(source, f"{page}, the block at line {line}", "exec"), namespace)
+
+
+REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", flags=re.I)  # http://, https://, //host/...
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """The site as ``sphinx-build -W -b html docs docs/_build/html`` builds it."""
+    pytest.importorskip("sphinx", reason="the docs extra: pip install -e '.[docs]'")
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("html")
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-W", "-b", "html", "docs", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    return out
+
+
+def test_the_built_site_loads_no_remote_script(built_site):
+    pages = sorted(built_site.rglob("*.html"))
+    assert pages
+    math_pages = 0
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        scripts = re.findall(r"<script\b[^>]*\bsrc=[\"']([^\"']+)", html, flags=re.I)
+        styles = re.findall(r"<link\b[^>]*\bhref=[\"']([^\"']+)", html, flags=re.I)
+        remote = [url for url in scripts + styles if REMOTE.match(url)]
+        assert not remote, (page.relative_to(built_site), remote)
+        for url in scripts:
+            if "mathjax" in url.lower():
+                math_pages += 1
+                # The bundled MathJax, found beside the page.
+                assert (page.parent / url.split("?")[0]).is_file(), (page, url)
+    # The formulas of the variants page and of the API reference render from the bundled copy.
+    assert math_pages >= 2
