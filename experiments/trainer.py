@@ -454,7 +454,7 @@ def train_and_evaluate(config: TrainConfig, dataset: data.Dataset | None = None)
         experiment = create_experiment(config, dataset)
         output_dir.open(experiment.num_devices)  # every check passed: the first write
         runtime.log(
-            f"{config.model}: {experiment.num_params:,} parameters | {dataset!r} | "
+            f"{config.model}: {experiment.num_params:,} parameters | {dataset.describe()} | "
             f"{config.optimizer} "
             f"(rho {experiment.rho_at(experiment.steps_per_epoch * config.epochs)})"
             f" | {experiment.num_devices} device(s), {jax.process_count()} process(es), "

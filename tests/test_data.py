@@ -491,8 +491,30 @@ def test_fashion_mnist_falls_back_to_the_debian_folder(tmp_path, monkeypatch):
     _, _, test_x, _ = write_fake_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian"))
     (tmp_path / "empty").mkdir()
-    ds = ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), validation_size=5)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))  # the default location
+    ds = ip.load_dataset("fashion_mnist", validation_size=5)
     np.testing.assert_array_equal(ds.test_images[..., 0], test_x)
+    assert ds.origin == str(tmp_path / "debian") and str(tmp_path / "debian") in ds.describe()
+
+
+def test_a_given_fashion_mnist_folder_is_the_only_one_read(tmp_path, monkeypatch):
+    write_fake_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="read only when no data_dir"):
+        ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "empty"), validation_size=5)
+    write_fake_fashion_mnist(tmp_path / "mine")
+    ds = ip.load_dataset("fashion_mnist", data_dir=str(tmp_path / "mine"), validation_size=5)
+    assert ds.origin == str(tmp_path / "mine")
+
+
+def test_the_description_says_what_was_read():
+    ds = ip.load_dataset("digits", validation_size=200)
+    assert "Dataset(" not in ds.describe()
+    assert ds.describe() == (
+        "digits from scikit-learn's copy: 1,238 training, 200 validation and 359 test images "
+        "of 8x8x1, 10 classes"
+    )
 
 
 def test_fashion_mnist_missing_names_the_commands_that_get_it(tmp_path, no_debian_folder):

@@ -91,7 +91,7 @@ def _load_cifar_python_folder(name: str, folder: str) -> Splits:
                 batches.append(_decode_cifar_pickle(f.read(), spec["label_key"], path))
         return _concatenate(batches)
 
-    return Splits(*read(spec["train_files"]), *read(spec["test_files"]))
+    return Splits(*read(spec["train_files"]), *read(spec["test_files"]), folder)
 
 
 def _load_cifar_python_archive(name: str, archive: str) -> Splits:
@@ -124,7 +124,7 @@ def _read_cifar_python_archive(name: str, archive: str) -> Splits:
                 batches.append(_decode_cifar_pickle(data, spec["label_key"], archive))
             return _concatenate(batches)
 
-        return Splits(*read(spec["train_files"]), *read(spec["test_files"]))
+        return Splits(*read(spec["train_files"]), *read(spec["test_files"]), archive)
 
 
 def _decode_cifar_pickle(data: bytes, label_key: str, origin: str) -> tuple[np.ndarray, np.ndarray]:

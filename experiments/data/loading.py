@@ -83,6 +83,7 @@ def load_dataset(
         random_flip=source.random_flip,
         noisy_labels=int(np.count_nonzero(train_labels != clean_train_labels)),
         clean_train_labels=clean_train_labels if label_noise > 0 else None,
+        origin=splits.origin,
     )
 
 

@@ -50,7 +50,8 @@ def load_tfds(name: str, data_dir: str) -> Splits:
         absl_logger.setLevel(level)
     train_images, train_labels = _read_data_source(sources["train"])
     test_images, test_labels = _read_data_source(sources["test"])
-    return Splits(train_images, train_labels, test_images, test_labels)
+    origin = f"the TFDS copy in {os.path.join(data_dir, name)}"
+    return Splits(train_images, train_labels, test_images, test_labels, origin)
 
 
 def _read_data_source(source: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
