@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from experiments import config_checks, data, models, optimizer_registry, presets
-from experiments.flags import add_arguments, option, parse_command_line
+from experiments.flags import ArgumentParser, add_arguments, option, parse_command_line
 
 # Defined once, where they live: the data sets the pipeline loads, the models of the zoo and the
 # optimizers of the variant registry.
@@ -419,7 +419,7 @@ def build_parser(
         preset_names = tuple(presets.PRESETS)
         epilog = "presets (--preset NAME; flags given on the command line override them):\n"
         epilog += presets.describe()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description,
         epilog=epilog,
@@ -486,5 +486,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
     Precedence: the flags the user passed, then the ``--preset``, then the field defaults.
     """
-    values = parse_command_line(argv, build_parser, lambda name: presets.get(name).overrides)
+    values = parse_command_line(
+        argv,
+        build_parser,
+        lambda name: presets.get(name).overrides,
+        config_checks.preset_for_flags,
+    )
     return TrainConfig(**values)

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import json
 import math
+import os
+import types
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +55,19 @@ MINIMUMS: Mapping[str, tuple[int, str]] = dict(
     stop_after_epoch=(0, "0: run to --epochs"),
     validation_size=(0, ""),
     crop_padding=(0, ""),
+    cutout=(0, "0: off"),
     train_size=(0, "0: all"),
 )
+
+
+def preset_for_flags(preset: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """A preset's values under the flags passed with it: with ``--optimizer sgd``, without the
+    preset's rho and SAM-only flags (the preset's SGD baseline), unless passed explicitly too."""
+    values = dict(preset)
+    if explicit.get("optimizer") == optimizer_registry.BASELINE:
+        for name in ("rho", *SAM_ONLY_OFF):
+            values.pop(name, None)
+    return values
 
 
 def _minimum_errors(config: TrainConfig) -> list[str]:
@@ -70,6 +86,11 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     if not config.learning_rate > 0:
         errors.append(f"--learning-rate must be > 0, got {config.learning_rate}.")
     if config.optimizer == optimizer_registry.BASELINE:
+        if config.rho not in (None, optimizer_registry.default_rho(config.optimizer)):
+            errors.append(
+                f"--rho {config.rho:g} needs a SAM optimizer (sgd does not ascend): leave --rho "
+                "out, or pass e.g. --optimizer sam."
+            )
         for name, off in SAM_ONLY_OFF.items():
             if getattr(config, name) != off:
                 flag = "--" + name.replace("_", "-")
@@ -110,10 +131,24 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
 
 def _schedule_errors(config: TrainConfig) -> list[str]:
     errors = []
-    if not 0 <= config.sam_start_epoch < config.epochs:
+    # The bounds below that are counted in epochs say nothing new when --epochs is itself bad.
+    epochs_ok = config.epochs >= 1
+    if epochs_ok and not 0 <= config.sam_start_epoch < config.epochs:
         errors.append(
             f"--sam-start-epoch must lie in [0, --epochs) = [0, {config.epochs}), "
             f"got {config.sam_start_epoch}."
+        )
+    if epochs_ok and config.warmup_epochs >= config.epochs:
+        errors.append(
+            f"--warmup-epochs {config.warmup_epochs:g} must be below --epochs {config.epochs}: "
+            "the run would never reach its learning rate. Pass fewer (e.g. "
+            f"{max(config.epochs // 10, 1) if config.epochs > 1 else 0}), or 0 for none."
+        )
+    if epochs_ok and config.stop_after_epoch > config.epochs:
+        errors.append(
+            f"--stop-after-epoch {config.stop_after_epoch} lies after the last epoch "
+            f"(--epochs {config.epochs}): pass an epoch in [1, {config.epochs}], or 0 to run "
+            "to the end."
         )
     if not 0 <= config.sam_last_fraction <= 1:
         errors.append(
@@ -126,10 +161,31 @@ def _schedule_errors(config: TrainConfig) -> list[str]:
             f"--sam-probability must lie in (0, 1] (1: every step), got {config.sam_probability}."
         )
     try:
-        lr_milestones(config)
+        milestones = lr_milestones(config)
     except ValueError as e:
         errors.append(str(e))
+    else:
+        errors += _milestone_errors(config, milestones)
     return errors
+
+
+def _milestone_errors(config: TrainConfig, milestones: list[int]) -> list[str]:
+    if config.lr_schedule == "multistep" and not milestones:
+        return [
+            "--lr-schedule multistep needs --lr-milestones, the epochs at which the learning "
+            "rate drops x0.1 (e.g. --lr-milestones 80,120); without them it stays constant."
+        ]
+    if config.lr_schedule != "multistep" and milestones:
+        return [
+            f"--lr-milestones apply to --lr-schedule multistep only, not "
+            f"{config.lr_schedule}: add --lr-schedule multistep or leave them out."
+        ]
+    if config.epochs >= 1 and not all(0 < m < config.epochs for m in milestones):
+        return [
+            f"--lr-milestones must be epochs in [1, --epochs) = [1, {config.epochs}) to take "
+            f"effect, got {config.lr_milestones!r}."
+        ]
+    return []
 
 
 def _run_errors(config: TrainConfig) -> list[str]:
@@ -157,15 +213,118 @@ def _data_errors(config: TrainConfig) -> list[str]:
             f"--label-noise-mode must be one of {LABEL_NOISE_MODES}, got "
             f"{config.label_noise_mode!r}."
         )
+    errors += _data_dir_errors(config)
+    source = data.SOURCES.get(config.dataset)
+    if source is not None and config.cutout >= source.image_size:
+        size = source.image_size
+        errors.append(
+            f"--cutout {config.cutout} blanks every {size}x{size} image of {config.dataset}: "
+            f"pass a square smaller than the image (e.g. {size // 2}), or 0 for none."
+        )
     try:
         kwargs = model_kwargs(config.model_kwargs)
-        if config.model in models.MODELS:  # the fields the model takes (nothing is built)
-            models.create_model(config.model, num_classes=2, **kwargs)
-    except TypeError as e:
-        errors.append(f"--model-kwargs: {e}")
+        if config.model in models.MODELS:
+            errors += _model_kwargs_errors(config.model, kwargs)
     except ValueError as e:
         errors.append(str(e))
     return errors
+
+
+def _data_dir_errors(config: TrainConfig) -> list[str]:
+    """A --data-dir that cannot hold the data set (checked before anything is read)."""
+    source = data.SOURCES.get(config.dataset)
+    if config.data_dir is None or source is None:
+        return []
+    if not source.reads_data_dir:
+        return [
+            f"--data-dir does not apply to --dataset {config.dataset}, which ships inside a "
+            "Python package: leave --data-dir out."
+        ]
+    folder = os.path.expanduser(config.data_dir)
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        return [
+            f"--data-dir {config.data_dir} {what}: pass the folder that holds {config.dataset}, "
+            "or leave --data-dir out to read the default location."
+        ]
+    return []
+
+
+# Fields of the zoo's models that the harness sets itself: not options of --model-kwargs.
+_HARNESS_MODEL_FIELDS = frozenset({"parent", "name", "num_classes", "dtype", "bn_axis_name"})
+
+
+@functools.cache
+def model_options(model: str) -> dict[str, Any]:
+    """The fields of `model` that --model-kwargs may set: name -> type annotation (those of a
+    type JSON can express: numbers, booleans, strings and lists of them)."""
+    factory = models.MODELS[model]
+    module_cls = factory.func if isinstance(factory, functools.partial) else factory
+    hints = typing.get_type_hints(module_cls)
+    return {
+        f.name: hints.get(f.name, Any)
+        for f in dataclasses.fields(module_cls)
+        if f.name not in _HARNESS_MODEL_FIELDS and _describe(hints.get(f.name, Any)) is not None
+    }
+
+
+def _describe(annotation: Any, *, plural: bool = False) -> str | None:
+    """`annotation` in words ("an integer", "a list of integers"); None for a type that JSON
+    cannot express (a module class, a function, ``Any``)."""
+    words = {
+        bool: ("true or false", "booleans"),
+        int: ("an integer", "integers"),
+        float: ("a number", "numbers"),
+        str: ("a string", "strings"),
+    }
+    if annotation in words:
+        return words[annotation][plural]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        parts = [_describe(a, plural=plural) for a in args if a is not type(None)]
+        if None in parts:
+            return None
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list, collections.abc.Sequence) and args and not plural:
+        item = _describe(args[0], plural=True)
+        return None if item is None else f"a list of {item}"
+    return None
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(value is None if a is type(None) else _matches(value, a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    return False
+
+
+def _model_kwargs_errors(model: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """An error line per key of --model-kwargs that `model` does not take, or whose value has
+    the wrong type; nothing is built."""
+    options = model_options(model)
+    errors = []
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        errors.append(
+            f"{model} does not take {', '.join(map(repr, unknown))}; its options are "
+            f"{', '.join(sorted(options)) or 'none'}."
+        )
+    for key, value in kwargs.items():
+        if key in options and not _matches(value, options[key]):
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+            errors.append(f"{key!r} of {model} takes {_describe(options[key])}, got {shown}.")
+    # One line for the flag: the unknown keys, then each value of the wrong type.
+    return ["--model-kwargs: " + " ".join(errors)] if errors else []
 
 
 # Float flags that may be infinite (the L-inf ball of a sign ascent); every other float flag
@@ -191,7 +350,21 @@ def errors(config: TrainConfig) -> list[str]:
     found = _non_finite_floats(config) + _minimum_errors(config)
     for check in (_optimizer_errors, _schedule_errors, _run_errors, _data_errors):
         found += check(config)
-    return found
+    return _one_per_flag(found)
+
+
+def _one_per_flag(found: list[str]) -> list[str]:
+    """`found` without the later lines about a flag that an earlier line already names first
+    (a NaN --learning-rate is not finite, and so not > 0 either: one sentence says it)."""
+    seen, kept = set(), []
+    for line in found:
+        flag = line.split()[0] if line.startswith("--") else None
+        if flag is not None and flag.rstrip(":") in seen:
+            continue
+        if flag is not None:
+            seen.add(flag.rstrip(":"))
+        kept.append(line)
+    return kept
 
 
 def lr_milestones(config: TrainConfig) -> list[int]:

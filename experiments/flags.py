@@ -12,11 +12,32 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import difflib
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are two lines, a short usage and the ``error:`` line
+    (argparse's own usage lists every flag: dozens of lines before the one that matters), with
+    the closest flag suggested for a misspelt one."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [s for action in self._actions for s in action.option_strings]
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, known, n=1) if flag[:2] == "--" else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        self.exit(
+            2,
+            f"usage: {self.prog} [--FLAG VALUE ...] (--help lists every flag)\nerror: {message}\n",
+        )
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -118,19 +139,22 @@ def parse_command_line(
     argv: Sequence[str] | None,
     make_parser: Callable[..., argparse.ArgumentParser],
     preset_values: Callable[[str], Mapping[str, Any]] | None = None,
+    preset_for: Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The values of a command line by field name, the preset named by ``--preset`` applied.
 
     Precedence: the flags the user passed, then the preset, then the parser's defaults.
     `make_parser(suppress_defaults=...)` builds the parser (twice: once to learn which flags
-    were passed).
+    were passed). `preset_for(preset, explicit)` adapts the preset's values to the flags that
+    were passed (e.g. drops what an explicit flag makes meaningless).
     """
     values = vars(make_parser(suppress_defaults=False).parse_args(argv))
     explicit = vars(make_parser(suppress_defaults=True).parse_args(argv))
     preset = values.pop("preset", None)
     explicit.pop("preset", None)
     if preset is not None and preset_values is not None:
-        values.update(preset_values(preset))
+        chosen = preset_values(preset)
+        values.update(preset_for(chosen, explicit) if preset_for is not None else chosen)
     values.update(explicit)
     return values
 
@@ -146,7 +170,7 @@ def parse(
     cls: type, argv: Sequence[str] | None, *, prog: str | None = None, description: str = ""
 ) -> dict[str, Any]:
     """The values of a command line made of `cls`'s flags alone, by field name."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser, cls)

@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 import pytest
-from tiny_run import flags
+from tiny_run import TINY_MODEL, flags
 
 from experiments import run_dir
 from experiments import train as train_cli
@@ -194,3 +194,68 @@ def test_hand_edited_metrics_jsonl_resumes_or_refuses(run_copy, capsys, damage):
     with open(path) as f:
         epochs = [json.loads(line)["epoch"] for line in f]
     assert epochs[-1] == 2 and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset=fashion_mnist", "--data-dir=/nonexistent"], "--data-dir /nonexistent does"),
+        (['--model-kwargs={"features": "x"}'], "'features' of small_cnn takes a list of integers"),
+        (["--cutout=8"], "--cutout 8 blanks every 8x8 image of digits"),
+        (["--lr-schedule=multistep"], "--lr-schedule multistep needs --lr-milestones"),
+        (["--warmup-epochs=2"], "--warmup-epochs 2 must be below --epochs 2"),
+        (["--stop-after-epoch=3"], "--stop-after-epoch 3 lies after the last epoch"),
+        (["--optimizer=sgd", "--rho=0.1"], "--rho 0.1 needs a SAM optimizer"),
+        (["--epochs=-1"], "--epochs must be >= 1, got -1."),
+        (["--learning-rate=nan"], "--learning-rate must be a finite number, got nan."),
+    ],
+    ids=lambda value: value[-1].split("=")[0].lstrip("-") if isinstance(value, list) else None,
+)
+def test_a_setting_that_cannot_be_meant_is_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    from experiments import trainer
+
+    def no_data(config):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(trainer, "load_dataset", no_data)
+    output_dir = tmp_path / "run"
+    err = fails([*TINY, f"--output-dir={output_dir}", *extra], capsys)
+    assert message in err and err.count("\n") == 1, err
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizer=adam"], "argument --optimizer: invalid choice: 'adam'"),
+        (["--epocs=3"], "unrecognized arguments: --epocs=3 (did you mean --epochs?)"),
+        (["--preset=nosuch"], "argument --preset: invalid choice: 'nosuch'"),
+        (["--epochs=abc"], "argument --epochs: invalid int value: 'abc'"),
+    ],
+)
+def test_argparse_errors_are_the_usage_line_and_the_error(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main([*TINY, f"--output-dir={tmp_path / 'run'}", *extra])
+    usage, error, rest = capsys.readouterr().err.split("\n", 2)
+    assert exit_info.value.code == 2
+    assert usage.startswith("usage: python -m experiments.train ") and "--help" in usage
+    assert error.startswith("error: ") and message in error and rest == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_header_says_which_copy_was_read(tmp_path, capsys, fashion_dir):
+    argv = [
+        "--dataset=fashion_mnist",
+        f"--data-dir={fashion_dir}",
+        f"--model-kwargs={TINY_MODEL}",
+        "--validation-size=16",
+        "--batch-size=16",
+        "--epochs=1",
+        "--num-devices=1",
+        "--no-progress",
+        f"--output-dir={tmp_path / 'run'}",
+    ]
+    assert train_cli.main(argv)["completed"]
+    header = next(line for line in capsys.readouterr().out.splitlines() if "parameters |" in line)
+    assert f"fashion_mnist from {fashion_dir}: 80 training, 16 validation and 40 test" in header
+    assert "Dataset(" not in header
