@@ -16,7 +16,7 @@
 import importlib as _importlib
 from typing import Any as _Any
 
-from sam_optax import sharpness
+from sam_optax import losses, per_example, sharpness
 from sam_optax._accumulation import accumulate_grad_fn
 from sam_optax._ae_sam import AESAMState, ae_sam
 from sam_optax._esam import ESAMState, esam, esam_selected_grad_fn
@@ -25,6 +25,7 @@ from sam_optax._gsam import GSAMState, gsam, gsam_rho_schedule
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._momentum_sam import MomentumSAMState, momentum_sam
 from sam_optax._parallel import per_device
+from sam_optax.per_example import PerExampleSAMState, per_example_sam
 from sam_optax._sam import SAMState, asam, perturbation, sam, stable_sam, usam
 from sam_optax._sparse_sam import SparseSAMState, sparse_sam
 from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
@@ -63,6 +64,10 @@ __all__ = [
     "esam",
     "esam_selected_grad_fn",
     "momentum_sam",
+    "PerExampleSAMState",
+    "losses",
+    "per_example",
+    "per_example_sam",
 ]
 
 # `sam_optax.nnx` and `sam_optax.linen` import Flax, on first access (not in __all__, so that
