@@ -14,7 +14,7 @@ import jax
 from experiments import config as config_lib
 from experiments.parallel import is_main_process, sync
 from experiments.run_dir import CHECKPOINT_DIR, RunError
-from experiments.runtime import log
+from experiments.runtime import log, stop_signals_deferred
 from experiments.steps import TrainState
 
 
@@ -64,13 +64,14 @@ def quiet_absl():
 
 
 def save_checkpoint(manager, epoch: int, state: TrainState) -> None:
-    """Saves and waits for the background write, so a failure surfaces in this epoch."""
+    """Saves and waits for the background write, so a failure surfaces in this epoch. A stop
+    signal (Ctrl-C, SIGTERM) that arrives meanwhile stops the run once the write completed."""
     import orbax.checkpoint as ocp
 
     # The save copies the arrays to host memory before it returns, then writes in the
     # background; waiting costs the write time of one checkpoint, small next to an epoch.
     try:
-        with quiet_absl():
+        with stop_signals_deferred(), quiet_absl():
             manager.save(epoch, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
     except Exception as e:  # orbax raises what the file system raised, wrapped or not

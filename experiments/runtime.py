@@ -8,13 +8,15 @@ Exit statuses: 0 done, 1 the run could not go on (e.g. a checkpoint that cannot 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.metadata
 import math
 import os
 import platform
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from experiments import config as config_lib
@@ -83,6 +85,51 @@ def fail_on(error: BaseException) -> NoReturn:
         # abort this one. The output folder's lock and the checkpoints are closed by now.
         os._exit(int(status))
     fail(error, status)
+
+
+# --------------------------------------------------------------------------------------------
+# Stop signals.
+# --------------------------------------------------------------------------------------------
+
+# The signals that stop a run for --resume, as the message names them.
+STOP_SIGNALS: dict[int, str] = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+
+
+def stop_message(signum: int, *, resumable: bool = True) -> str:
+    """The one line a run stopped by `signum` prints."""
+    hint = "; continue with --resume." if resumable else "."
+    return f"error: stopped by {STOP_SIGNALS[signum]}{hint}"
+
+
+class _Deferral:
+    depth = 0  # nested stop_signals_deferred blocks
+    pending: int | None = None  # a stop signal that arrived inside one
+
+
+def stop(signum: int) -> None:
+    """Ends the run for a stop signal (one ``error:`` line, exit status 128 + `signum`), at once
+    or, inside :func:`stop_signals_deferred`, once the block has completed."""
+    if _Deferral.depth:
+        _Deferral.pending = signum
+        return
+    print(stop_message(signum), file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """A block that a stop signal does not break off (a checkpoint write): the run stops when
+    it has completed. A block that fails raises its own error; the signal is then dropped."""
+    _Deferral.depth += 1
+    signum = None
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+        if not _Deferral.depth:
+            signum, _Deferral.pending = _Deferral.pending, None
+    if signum is not None:
+        stop(signum)
 
 
 def log(*args: Any) -> None:

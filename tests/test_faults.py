@@ -368,6 +368,75 @@ def test_sigterm_releases_the_lock_and_keeps_the_checkpoints(tmp_path):
     assert read_json(output_dir / run_dir.CONFIG_FILE)["epochs"] == 10000
 
 
+def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    # A real SIGINT, as a terminal's Ctrl-C sends it, once the run printed its second epoch
+    # (so the checkpoint of the first is committed; the signal may hit the second's write).
+    import threading
+
+    output_dir, err_log = tmp_path / "run", tmp_path / "stderr.log"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(run_dir.__file__)))
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": checkout, "PYTHONUNBUFFERED": "1"}
+    long_run = ["--epochs=10000", "--optimizer=sgd", "--eval-every=10000"]
+    with open(err_log, "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *flags(output_dir, *long_run)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            # Ctrl-C reaches a foreground job whose SIGINT is not ignored: as a terminal runs it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    watchdog = threading.Timer(300, process.kill)  # a hung run fails the test, never blocks it
+    watchdog.start()
+    try:
+        out = []
+        for line in process.stdout:
+            out.append(line)
+            if line.startswith("epoch   2/"):
+                process.send_signal(signal.SIGINT)
+                break
+        out.append(process.stdout.read())
+        process.wait()
+    finally:
+        watchdog.cancel()
+        process.kill()
+    out, err = "".join(out), err_log.read_text()
+    assert process.returncode == 128 + signal.SIGINT, out + err
+    assert err == "error: stopped by SIGINT (Ctrl-C); continue with --resume.\n", err
+    assert "Traceback" not in out and not (output_dir / run_dir.LOCK_FILE).exists()
+    saved = [
+        int(p.name) for p in (output_dir / run_dir.CHECKPOINT_DIR).iterdir() if p.name.isdigit()
+    ]
+    assert saved, out
+    # The newest checkpoint reads back: the run continues from it.
+    last = max(saved)
+    summary = train_cli.main(
+        flags(output_dir, *long_run, "--resume", f"--stop-after-epoch={last + 1}")
+    )
+    assert summary["epoch"] == last + 1
+    assert f"Resumed from the checkpoint of epoch {last} " in capsys.readouterr().out
+
+
+def test_a_stop_signal_lets_the_checkpoint_write_complete(capsys):
+    from experiments import runtime
+
+    written = []
+    with pytest.raises(SystemExit) as exit_info:
+        with runtime.stop_signals_deferred():
+            runtime.stop(signal.SIGINT)  # what the handler calls when Ctrl-C arrives
+            written.append("checkpoint")
+    assert written and exit_info.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == runtime.stop_message(signal.SIGINT) + "\n"
+    # A write that fails reports its own error; the signal is dropped.
+    with pytest.raises(OSError, match="No space"):
+        with runtime.stop_signals_deferred():
+            runtime.stop(signal.SIGTERM)
+            raise OSError(28, "No space left on device")
+    with runtime.stop_signals_deferred():
+        pass  # nothing left pending
+
+
 def test_the_lock_is_released_on_error(run_copy, capsys):
     fails(flags(run_copy, "--resume", "--batch-size=100000"), capsys)
     assert not os.path.exists(os.path.join(run_copy, run_dir.LOCK_FILE))

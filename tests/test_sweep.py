@@ -108,6 +108,7 @@ def test_sweep_help_and_bad_grids(capsys):
 def test_tiny_sweep_end_to_end_on_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     out = tmp_path / "sweep"
+    (tmp_path / "tfds").mkdir()  # a --data-dir must exist; mock_data stands in for its copy
     argv = [
         f"--output-dir={out}",
         "--dataset=cifar10",
