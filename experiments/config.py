@@ -190,7 +190,13 @@ class TrainConfig:
     sam_micro_batch: int = _field(
         0,
         "m of m-sharpness: every m examples of a device's batch ascend from their own gradient "
-        "(sam_optax's micro_batches; 0: the device's whole batch).",
+        "(sam_optax's micro_batches, or per_example_sam's groups; 0: the device's whole batch).",
+    )
+    last_layer_weight_penalty: float = _field(
+        1e-3, "last_layer_penalty: gamma_w, the L2 penalty on the last dense layer's weights."
+    )
+    last_layer_feature_penalty: float = _field(
+        1e-3, "last_layer_penalty: gamma_a, the L2 penalty on the last dense layer's inputs."
     )
     learning_rate: float | None = _field(
         None,

@@ -45,6 +45,8 @@ MINIMUMS: Mapping[str, tuple[int, str]] = dict(
     eval_batch_size=(1, ""),
     sam_every=(1, "1: every step"),
     sam_micro_batch=(0, "0: off"),
+    last_layer_weight_penalty=(0, ""),
+    last_layer_feature_penalty=(0, ""),
     eval_every=(1, ""),
     checkpoint_every=(1, ""),
     log_every_steps=(1, ""),
@@ -98,7 +100,8 @@ def _optimizer_errors(config: TrainConfig) -> list[str]:
     elif config.adaptive and "adaptive" not in optimizer_registry.get(config.optimizer).knobs:
         errors.append(f"--adaptive does not apply to --optimizer {config.optimizer}.")
     if config.sam_micro_batch and optimizer_registry.VARIANTS.get(config.optimizer) is not None:
-        if optimizer_registry.get(config.optimizer).factory is not sam_optax.sam:
+        variant = optimizer_registry.get(config.optimizer)
+        if variant.factory is not sam_optax.sam and variant.gradient != "per_example":
             errors.append(
                 f"--sam-micro-batch needs a variant of sam_optax.sam (e.g. --optimizer sam), not "
                 f"--optimizer {config.optimizer}."

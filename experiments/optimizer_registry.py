@@ -88,6 +88,12 @@ class Variant:
     # The TrainConfig field of the fraction of each batch that the second pass differentiates
     # (ESAM's data selection; None: the whole batch).
     selection_field: str | None = None
+    # How a step gets its gradient (see experiments.steps.make_train_step): "grad_fn" (the
+    # transformation evaluates grad_fn), "per_example" (sam_optax.per_example.value_and_grad's
+    # sam_grad_fn) or "objective" (a loss-level method: the base optimizer alone, on the gradient
+    # of ``objective(config, rho)``).
+    gradient: str = "grad_fn"
+    objective: Callable[[Any, Any], Any] | None = None
 
     def options(self, config: Any) -> dict[str, Any]:
         """The factory's keyword arguments taken from a ``TrainConfig``."""
@@ -117,13 +123,25 @@ def counted_in_state(ascends: np.ndarray, options: Mapping[str, Any], state: Any
     return int(state.ascents)
 
 
-def train_step_options(name: str, config: Any) -> dict[str, Any]:
-    """The keywords of :func:`experiments.steps.make_train_step` that optimizer `name` sets."""
+def train_step_options(name: str, config: Any, rho: Any = None) -> dict[str, Any]:
+    """The keywords of :func:`experiments.steps.make_train_step` that optimizer `name` sets;
+    `rho` is the run's rho (or its schedule), for the loss-level methods."""
     if name == BASELINE:
         return {}
     variant = get(name)
     fraction = getattr(config, variant.selection_field) if variant.selection_field else 1.0
-    return dict(first_pass=variant.first_pass, select_fraction=fraction)
+    options = dict(first_pass=variant.first_pass, select_fraction=fraction)
+    if variant.gradient != "grad_fn":
+        options["gradient"] = variant.gradient
+    if variant.objective is not None:
+        options["objective"] = variant.objective(config, rho)
+    return options
+
+
+def no_second_pass(ascends: np.ndarray, options: Mapping[str, Any], state: Any) -> int:
+    """A loss-level method: its one gradient is the step's first."""
+    del ascends, options, state
+    return 0
 
 
 def gradient_evaluations(name: str, ascends: np.ndarray, config: Any, state: Any) -> int:
@@ -344,3 +362,51 @@ for _mask, _label, _color in (("fisher", "SSAM-F", "#c5b0d5"), ("dynamic", "SSAM
                        "drop_rate": "sparse_sam_drop_rate", "seed": "seed"},
         run_options=_sparse_sam_run_options,
     ))  # fmt: skip
+
+_BAEK = "Baek et al., ICLR 2024"
+register(Variant(
+    name="per_example_sam", cheaper=False, label="1-SAM, two passes", color="#ff7f0e",
+    paper=_BAEK, help="exact per-example SAM on the dense layers in two passes, groups of "
+    "--sam-micro-batch examples (0: the device's batch; no BatchNorm)",
+    default_rho=0.05, factory=sam_optax.per_example_sam, in_protocol=False, config_fields={},
+    gradient="per_example",
+))  # fmt: skip
+
+
+def _head_sam_objective(last_layers: int) -> Callable[[Any, Any], Any]:
+    def objective(config: Any, rho: Any) -> Any:
+        del config
+        from experiments import steps  # steps imports the data pipeline; only runs need it
+
+        return steps.head_sam_objective(rho, last_layers)
+
+    return objective
+
+
+for _layers, _label, _color in ((1, "head SAM", "#2ca02c"), (2, "head SAM, 2 layers", "#98df8a")):
+    register(Variant(
+        name="head_sam" if _layers == 1 else f"head_sam{_layers}", cheaper=True, label=_label,
+        color=_color, paper=_BAEK,
+        help=f"per-example SAM on the last {_layers} dense layer(s), in one pass (no BatchNorm)",
+        default_rho=0.05, factory=sam_optax.per_example_sam, in_protocol=False,
+        config_fields={}, gradient="objective", objective=_head_sam_objective(_layers),
+        second_passes=no_second_pass,
+    ))  # fmt: skip
+
+
+def _last_layer_penalty(config: Any, rho: Any) -> Any:
+    del rho
+    from experiments import steps
+
+    return steps.last_layer_penalty_objective(
+        config.last_layer_weight_penalty, config.last_layer_feature_penalty
+    )
+
+
+register(Variant(
+    name="last_layer_penalty", cheaper=True, label="SGD + last-layer L2 (Baek)", color="#9467bd",
+    paper=_BAEK, help="SGD plus L2 penalties on the last layer's weights and its input features "
+    "(--last-layer-weight-penalty, --last-layer-feature-penalty; a regularizer, not SAM)",
+    default_rho=0.0, factory=sam_optax.per_example_sam, in_protocol=False, config_fields={},
+    gradient="objective", objective=_last_layer_penalty, second_passes=no_second_pass,
+))  # fmt: skip

@@ -111,7 +111,8 @@ def build_optimizer(
             nesterov=config.nesterov,
         ),
     ]
-    if not uses_sam(config):
+    # SGD, and the loss-level methods (their objective's gradient goes to the base optimizer).
+    if not uses_sam(config) or optimizer_registry.get(config.optimizer).gradient == "objective":
         return optax.chain(*tail) if axis_name is None else _averaged(optax.chain(*tail), axis_name)
     variant = optimizer_registry.get(config.optimizer)
     options = variant.options(config)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -91,6 +92,8 @@ def make_train_step(
     micro_batch: int = 0,
     first_pass: bool = True,
     select_fraction: float = 1.0,
+    gradient: str = "grad_fn",
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """One device's training step: ``step(state, images_uint8, labels, key) -> (state, metrics)``.
 
@@ -113,6 +116,11 @@ def make_train_step(
     gets ``None`` for the gradient, and the metrics come from a forward pass at the weights.
     `select_fraction` < 1 (ESAM's data selection): the perturbed pass differentiates that
     fraction of the batch whose loss rose most (:func:`sam_optax.esam_selected_grad_fn`).
+    `gradient="per_example"` (:func:`sam_optax.per_example_sam`): the first pass is
+    :func:`sam_optax.per_example.value_and_grad` with groups of `micro_batch` examples (0: the
+    device's batch), and `tx` gets its ``sam_grad_fn``. `gradient="objective"`: the step
+    differentiates ``objective(loss_fn, step)`` (a loss-level method, e.g. head SAM or a penalty;
+    see :func:`head_sam_objective`), and `tx` is the base optimizer alone.
     """
 
     def per_example_loss_fn(params, batch_stats, images, labels, rngs):
@@ -133,6 +141,12 @@ def make_train_step(
         return losses.mean(), (logits, batch_stats, losses)
 
     grad_of_loss = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def per_example_value_and_grad(params, batch_stats, images, labels, rngs):
+        group_size = micro_batch or images.shape[0]
+        return sam_optax.per_example.value_and_grad(
+            loss_fn, group_size=group_size, has_aux=True
+        )(params, batch_stats, images, labels, rngs)
     tx = optax.with_extra_args_support(tx)
 
     def step(state: TrainState, images_uint8, labels, key):
@@ -151,6 +165,20 @@ def make_train_step(
             )
             return grads
 
+        if gradient == "per_example":
+            (loss, (logits, batch_stats, _)), grads, sam_grad_fn = per_example_value_and_grad(
+                local(state.params), state.batch_stats, images, labels, rngs
+            )
+            updates, opt_state = tx.update(
+                grads, state.opt_state, state.params, sam_grad_fn=sam_grad_fn
+            )
+            return finish(state, updates, opt_state, loss, logits, labels, batch_stats)
+        if gradient == "objective":
+            (_, (loss, (logits, batch_stats, _))), grads = jax.value_and_grad(
+                objective(loss_fn, state.step), has_aux=True
+            )(local(state.params), state.batch_stats, images, labels, rngs)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return finish(state, updates, opt_state, loss, logits, labels, batch_stats)
         if micro_batch or not first_pass:
             loss, (logits, batch_stats, _) = loss_fn(
                 state.params, state.batch_stats, images, labels, rngs
@@ -169,8 +197,10 @@ def make_train_step(
                     selection_loss_fn, (images, labels), losses, select_fraction
                 )
         updates, opt_state = _update(tx, state, grads, grad_fn, (images, labels), micro_batch)
-        params = optax.apply_updates(state.params, updates)
+        return finish(state, updates, opt_state, loss, logits, labels, batch_stats)
 
+    def finish(state, updates, opt_state, loss, logits, labels, batch_stats):
+        params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
         metrics = {"loss": loss, "accuracy": accuracy}
         if axis_name is not None:
@@ -182,6 +212,54 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+Objective = Callable[[Callable, jax.Array], Callable]
+
+
+def head_sam_objective(rho: Any, last_layers: int) -> Objective:
+    """Per-example SAM on the last dense layers in one pass
+    (:func:`sam_optax.per_example.sam_loss`), rho a float or a schedule of the step:
+    ``objective(loss_fn, step)(params, *args) -> (shifted loss, (loss, aux))``."""
+
+    def objective(loss_fn, step):
+        rho_now = rho(step) if callable(rho) else rho
+        return sam_optax.per_example.sam_loss(
+            loss_fn, rho_now, last_layers=last_layers, has_aux=True
+        )
+
+    return objective
+
+
+def last_layer_penalty_objective(weight_penalty: float, feature_penalty: float) -> Objective:
+    """The loss plus :func:`sam_optax.losses.last_layer_l2_penalty` of the model's last
+    ``nn.Dense`` (its kernel and its input, found while the model runs)."""
+
+    def objective(loss_fn, step):
+        del step
+
+        def penalized(params, *args):
+            seen = []
+
+            def record(next_fun, call_args, call_kwargs, context):
+                if type(context.module) is nn.Dense and context.method_name == "__call__":
+                    inputs = call_args[0] if call_args else call_kwargs["inputs"]
+                    seen.append((context.module.variables["params"]["kernel"], inputs))
+                return next_fun(*call_args, **call_kwargs)
+
+            with nn.intercept_methods(record):
+                loss, aux = loss_fn(params, *args)
+            if not seen:
+                raise ValueError("the last-layer penalty needs a model with a flax.linen.Dense.")
+            kernel, features = seen[-1]
+            penalty = sam_optax.losses.last_layer_l2_penalty(
+                kernel, features, weight_penalty=weight_penalty, feature_penalty=feature_penalty
+            )
+            return loss + penalty, (loss, aux)
+
+        return penalized
+
+    return objective
 
 
 def _update(tx, state: TrainState, grads, grad_fn, batch, micro_batch: int):

@@ -204,6 +204,7 @@ def create_experiment(
     )
     preprocess = _preprocess(config, dataset, dtype)
     state = _initial_state(model, tx, config.seed, dataset, mesh)
+    _check_examples_apart(config, state)
 
     uses_sam = optimizers.uses_sam(config)
 
@@ -216,7 +217,9 @@ def create_experiment(
             label_smoothing=config.label_smoothing,
             axis_name=steps.AXIS,
             micro_batch=config.sam_micro_batch,
-            **optimizer_registry.train_step_options(config.optimizer, config),
+            **optimizer_registry.train_step_options(
+                config.optimizer, config, optimizers.rho_schedule(config, steps_per_epoch)
+            ),
         )
         return parallel.shard_train_step(
             step_fn, mesh, seed=config.seed, steps_per_epoch=steps_per_epoch
@@ -288,15 +291,30 @@ def _initial_state(
     )
 
 
+def _check_examples_apart(config: TrainConfig, state: TrainState) -> None:
+    """The per-example ascents need a model whose layers keep the examples apart: BatchNorm in
+    training mode mixes them, so the shifted pass would not be each example's own."""
+    if not optimizers.uses_sam(config) or not jax.tree.leaves(state.batch_stats):
+        return
+    if optimizer_registry.get(config.optimizer).gradient != "grad_fn" and config.rho:
+        raise config_lib.ConfigError(
+            f"--optimizer {config.optimizer} ascends per example and needs a model without "
+            f"BatchNorm (--model {config.model} has it): use --model mlp, or --optimizer sam "
+            "--sam-micro-batch 1 for the exact per-example ascent of any model."
+        )
+
+
 def _switch_on_host(config: TrainConfig) -> bool:
     """Whether the host picks, step by step, between two compiled programs (the variant at
     constant rho, and at rho = 0: same state, same numbers) rather than one program whose rho
     schedule skips the second pass behind a ``lax.cond``: the schedule is a function of the
     step alone, so the host knows it ahead, and XLA:CPU runs convolutions inside a conditional
     much slower (https://github.com/jax-ml/jax/issues/12868)."""
-    return optimizers.uses_sam(config) and callable(
-        optimizers.rho_schedule(config, steps_per_epoch=1)
-    )
+    if not optimizers.uses_sam(config):
+        return False
+    if optimizer_registry.get(config.optimizer).gradient == "objective":
+        return False  # a loss-level method: one pass whatever rho is
+    return callable(optimizers.rho_schedule(config, steps_per_epoch=1))
 
 
 def evaluate(experiment: Experiment, state: TrainState, name: str) -> dict[str, float]:
