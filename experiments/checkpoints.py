@@ -4,8 +4,10 @@ to the newest readable checkpoint when the latest cannot be read."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +28,7 @@ def checkpoints(output_dir: str, *, keep: int) -> Iterator[Any]:
     try:
         yield manager
     except BaseException:
-        with contextlib.suppress(Exception), quiet_absl():
+        with contextlib.suppress(Exception), quiet_storage_logs():
             manager.close()
         raise
     manager.close()
@@ -50,17 +52,24 @@ def checkpoint_manager(output_dir: str, *, keep: int = 1):
     return ocp.CheckpointManager(directory, options=options)
 
 
+# The loggers through which orbax's background writer reports a failure with a traceback: absl's,
+# and asyncio's ("Future exception was never retrieved", "Task exception was never retrieved").
+_STORAGE_LOGGERS = ("absl", "asyncio")
+
+
 @contextlib.contextmanager
-def quiet_absl():
-    """Silences absl logging (orbax logs a failed save or restore with a traceback there)
-    while the failure is reported as a message instead."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+def quiet_storage_logs():
+    """Silences the loggers of orbax and its background writer while a failed save or restore
+    is reported as a message instead."""
+    loggers = [logging.getLogger(name) for name in _STORAGE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def save_checkpoint(manager, epoch: int, state: TrainState) -> None:
@@ -71,20 +80,59 @@ def save_checkpoint(manager, epoch: int, state: TrainState) -> None:
     # The save copies the arrays to host memory before it returns, then writes in the
     # background; waiting costs the write time of one checkpoint, small next to an epoch.
     try:
-        with stop_signals_deferred(), quiet_absl():
+        with stop_signals_deferred(), quiet_storage_logs():
             manager.save(epoch, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
     except Exception as e:  # orbax raises what the file system raised, wrapped or not
         raise RunError(
-            f"Could not write the checkpoint of epoch {epoch} to {manager.directory} "
-            f"({type(e).__name__}: {_first_line(e)}). Check free disk space and permissions, "
-            "then continue with --resume."
+            f"Could not write the checkpoint of epoch {epoch} to {manager.directory}: "
+            f"{storage_cause(e)}. Check free disk space and permissions, then continue with "
+            "--resume."
         ) from None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
+# The file-system errors a write meets, as the OS words them.
+_WRITE_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.EFBIG,
+    errno.EIO,
+)
+_MAX_CAUSE = 160
+
+
+def storage_cause(error: BaseException) -> str:
+    """The cause of a failed read or write in a few words, e.g. "No space left on device":
+    the OS error inside `error` (raised, chained, or quoted by TensorStore as
+    ``os_error_code=28`` or by its text), else the first line of its message, shortened (never
+    TensorStore's spec of the array)."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        if isinstance(error, OSError) and error.errno and error.strerror:
+            return os.strerror(error.errno)
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(e) for e in seen)
+    code = re.search(r"os_error_code\W*(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    for number in _WRITE_ERRNOS:
+        if os.strerror(number) in text:
+            return os.strerror(number)
+    return _short(seen[0]) if seen else "no details"
+
+
+def _short(error: BaseException) -> str:
+    """`error`'s type and the first line of its message, cut before a JSON spec and shortened."""
+    lines = str(error).strip().splitlines()
+    text = re.split(r"\s*[{\[]\s*\"", lines[0])[0] if lines else "no details"
+    if len(text) > _MAX_CAUSE:
+        text = text[: _MAX_CAUSE - 3].rstrip() + "..."
+    return f"{type(error).__name__}: {text}"
 
 
 def restore_checkpoint(manager, epoch: int, like: TrainState) -> TrainState:
@@ -109,12 +157,12 @@ def restore_latest(manager, like: TrainState, *, resume: bool) -> tuple[TrainSta
         log(f"--resume: no checkpoint in {manager.directory}; starting from scratch.")
     for step in steps:
         try:
-            with quiet_absl():
+            with quiet_storage_logs():
                 state = restore_checkpoint(manager, step, like=like)
         except Exception as e:  # orbax and TensorStore raise many types for damaged files
             log(
                 f"Warning: skipped the checkpoint of epoch {step}: it cannot be read "
-                f"({type(e).__name__}: {_first_line(e)}); moved it to {step}.corrupt."
+                f"({storage_cause(e)}); moved it to {step}.corrupt."
             )
             _set_aside(manager, step)
             continue

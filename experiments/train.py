@@ -88,10 +88,10 @@ if __name__ == "__main__":
         print(runtime.stop_message(signal.SIGINT, resumable=False), file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except SystemExit as stop:
-        if stop.code in {128 + signum for signum in runtime.STOP_SIGNALS}:
+        if stop.code in {ExitStatus.RUN_FAILED, *(128 + n for n in runtime.STOP_SIGNALS)}:
             # The lock is released and the checkpoints closed by now. Skip the interpreter's
-            # teardown, where an interrupted background save of orbax prints asyncio warnings
-            # with tracebacks that say nothing to the user.
+            # teardown, where an interrupted or failed background save of orbax prints asyncio
+            # warnings with tracebacks that say nothing to the user.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(stop.code)

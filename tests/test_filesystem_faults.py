@@ -14,6 +14,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import tiny_run
@@ -98,6 +100,69 @@ def test_full_disk_during_a_checkpoint(tmp_path, capsys, monkeypatch, uninterrup
     assert sorted(os.listdir(output_dir / run_dir.CHECKPOINT_DIR)) == ["1"]
     # The row of epoch 2 was written before its checkpoint failed; resuming drops it.
     assert [numbers(r) for r in rows(output_dir)] == uninterrupted[:2]
+    resumes_as_if_nothing_happened(output_dir, uninterrupted, capsys)
+
+
+# What TensorStore, orbax's array writer, raises: its status, the file, the OS error's code and
+# the whole spec of the array (2 kB in a real run).
+_SPEC = '{"driver": "zarr", "kvstore": {"driver": "file", "path": "x/"}, "metadata": {}}' * 25
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.ENOENT])
+def test_a_storage_error_is_its_cause_and_the_folder(tmp_path, capsys, monkeypatch, code):
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(manager, step, *args, **kwargs):
+        if step == 2:
+            raise ValueError(
+                f'OUT_OF_RANGE: Error writing local file "{manager.directory}/2/_sharding": '
+                f"Failed to write 3332 bytes to file 7 [os_error_code={code}] "
+                f"[tensorstore_spec='{_SPEC}']"
+            )
+        return real_save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    output_dir = tmp_path / "run"
+    err = fails_in_epoch_2(output_dir, capsys)
+    folder = output_dir / run_dir.CHECKPOINT_DIR
+    assert f"checkpoint of epoch 2 to {folder}: {os.strerror(code)}. Check" in err, err
+    assert "driver" not in err and len(err) < 300, err
+
+
+def test_a_real_write_failure_is_one_line_on_the_terminal(tmp_path, uninterrupted, capsys):
+    # The command line in a process of its own whose files may not grow past 100 bytes from
+    # epoch 2 on (RLIMIT_FSIZE binds root too): orbax's writer fails in its background threads.
+    output_dir = tmp_path / "run"
+    script = f"""
+import resource, runpy, signal, sys
+from experiments import metrics_log
+
+append = metrics_log.MetricsLog.append
+
+def append_then_limit(log, row):
+    append(log, row)
+    if row["epoch"] == 2:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+metrics_log.MetricsLog.append = append_then_limit
+sys.argv = ["experiments.train", *{flags(output_dir)!r}]
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(run_dir.__file__)))
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": checkout}
+    # Pipes, not files: the limit does not apply to them.
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    folder = output_dir / run_dir.CHECKPOINT_DIR
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr == (
+        f"error: Could not write the checkpoint of epoch 2 to {folder}: File too large. Check "
+        "free disk space and permissions, then continue with --resume.\n"
+    )
     resumes_as_if_nothing_happened(output_dir, uninterrupted, capsys)
 
 
