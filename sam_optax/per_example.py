@@ -54,15 +54,10 @@ import optax
 
 from sam_optax import _tree as tree
 from sam_optax._ascent import Ascent
-from sam_optax._parallel import AxisName
+from sam_optax._parallel import AxisName, varying_like
 
-__all__ = [
-    "PerExampleSAMState",
-    "dense",
-    "per_example_sam",
-    "sam_loss",
-    "value_and_grad",
-]
+# per_example_sam and its state are documented as sam_optax.per_example_sam.
+__all__ = ["dense", "sam_loss", "value_and_grad"]
 
 # The tapes of the losses being traced, innermost last; the dense layers report to the last one.
 _TAPES: list[_Tape] = []
@@ -255,6 +250,9 @@ def _first_pass(loss_fn, params, args, has_aux, perturbed, counted, wrt_params: 
     """(loss, aux), params' gradient (None unless `wrt_params`), d and a of the perturbed
     layers: one forward, one backward."""
     zeros = [jnp.zeros(counted.outputs[i].shape, counted.outputs[i].dtype) for i in perturbed]
+    # Inside shard_map, a gradient with respect to a value typed as the same on every device is
+    # summed over the devices: the zero shifts vary like the batch they shift.
+    zeros = varying_like(zeros, params, args)
 
     def with_shifts(params, shifts):
         with _tracing(_Tape("record", perturbed, shifts)) as tape:

@@ -92,7 +92,7 @@ def test_the_api_reference_lists_every_public_name():
     import sam_optax
 
     api = read(os.path.join("docs", "api.md"))
-    modules = {"sharpness": "automodule:: sam_optax.sharpness"}
+    modules = {m: f"automodule:: sam_optax.{m}" for m in ("sharpness", "per_example", "losses")}
     for name in sam_optax.__all__:
         entry = modules.get(name, f":: {name}\n")
         assert entry in api, f"docs/api.md does not document sam_optax.{name}"

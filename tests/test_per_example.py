@@ -285,3 +285,24 @@ def test_head_step_costs_a_plain_step_in_flops():
     plain = flops(lambda p: jax.grad(loss_fn)(p, x, y))
     head = flops(lambda p: jax.grad(lambda p: shifted(p, x, y)[0])(p))
     assert head <= 1.05 * plain, (head, plain)
+
+
+def test_per_device_examples_under_shard_map():
+    """Each device's examples ascend on their own; the output is the mean over all examples."""
+    params = mlp_params(jax.random.key(0), [5, 7, 3])
+    loss_fn = cross_entropy_loss(mlp)
+    x, y = batch(16)
+    tx = sam_optax.per_example_sam(RHO, axis_name="data")
+    mesh = jax.make_mesh((8,), ("data",))
+    P = jax.sharding.PartitionSpec
+
+    def step(params, x, y):
+        local = sam_optax.per_device(params, "data")
+        _, grads, sam_grad_fn = sam_optax.per_example.value_and_grad(loss_fn)(local, x, y)
+        return tx.update(grads, tx.init(params), params, sam_grad_fn=sam_grad_fn)[0]
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+    expected = reference(loss_fn, params, x, y, RHO)
+    x, y = jax.device_put((x, y), jax.sharding.NamedSharding(mesh, P("data")))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+    chex.assert_trees_all_close(jax.jit(sharded)(params, x, y), expected, **TOLERANCE)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import data, optimizers, parallel, run_dir, steps, trainer
+from experiments import data, optimizer_registry, optimizers, parallel, run_dir, steps, trainer
 from experiments import train as train_cli
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -85,6 +85,8 @@ def assert_trees_equal(a, b):
 )
 def test_every_optimizer_trains_data_parallel(dataset, optimizer, num_devices):
     config = tiny_config(optimizer=optimizer, num_devices=num_devices)
+    if optimizer != "sgd" and optimizer_registry.get(optimizer).gradient != "grad_fn":
+        config = config.replace(**TINY_MLP)  # the per-example ascents need a model without BN
     experiment = trainer.create_experiment(config, dataset)
     assert experiment.mesh.devices.size == num_devices
     initial = jax.device_get(experiment.state.params)
@@ -97,6 +99,33 @@ def test_every_optimizer_trains_data_parallel(dataset, optimizer, num_devices):
     for leaf in jax.tree.leaves(state):
         assert leaf.sharding.is_fully_replicated
         assert len(leaf.sharding.device_set) == num_devices
+
+
+TINY_MLP = dict(model="mlp", model_kwargs='{"hidden": [8, 8]}')
+
+
+def test_exact_per_example_sam_is_sam_with_micro_batches_of_one(dataset):
+    """Two passes (shifted pre-activations) against one ascent per example in a scan."""
+    states = []
+    for optimizer in ("sam", "per_example_sam"):
+        config = tiny_config(optimizer=optimizer, sam_micro_batch=1, num_devices=8, **TINY_MLP)
+        states.append(run_steps(trainer.create_experiment(config, dataset), 3)[0])
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_head_sam_at_rho_zero_is_sgd(dataset):
+    states = [
+        run_steps(trainer.create_experiment(tiny_config(**TINY_MLP, **flags), dataset), 3)[0]
+        for flags in (dict(optimizer="sgd"), dict(optimizer="head_sam2", rho=0.0))
+    ]
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_methods_refuse_batchnorm(dataset):
+    with pytest.raises(config_lib.ConfigError, match="without BatchNorm"):
+        trainer.create_experiment(tiny_config(optimizer="head_sam"), dataset)
 
 
 def test_raw_knobs_bfloat16_and_synchronized_batchnorm(dataset):
