@@ -25,11 +25,14 @@ def summarize(
     gradient_evaluations: int | None = None,
     noisy_labels: int = 0,
     diverged_epoch: int | None = None,
+    resumed_from_epoch: int = 0,
 ) -> dict[str, Any]:
     """The run's summary from its per-epoch rows (which span resumed runs too).
 
     A run that diverged at `diverged_epoch` is not completed; its rows end before that epoch.
     `gradient_evaluations`: the run's full-batch gradient evaluations (SGD: one per step).
+    The training and compile times add up every process that trained the run; `wall_time` and
+    `resumed_from_epoch` (0: it started afresh) are this process's.
     """
     num_steps = config.epochs * steps_per_epoch
     val_rows = [r for r in rows if "val_accuracy" in r]
@@ -77,6 +80,7 @@ def summarize(
         "compile_time_s": sum(r.get("compile_time_s", 0.0) for r in rows),
         "images_per_s": trained_images / train_time if train_time else None,
         "wall_time_s": wall_time,
+        "resumed_from_epoch": resumed_from_epoch,
     }
 
 
@@ -107,6 +111,22 @@ def print_summary(summary: Mapping[str, Any]) -> None:
         return "-" if value is None else f"{100 * value:.2f}%"
 
     rate = summary.get("images_per_s")
+    resumed = summary.get("resumed_from_epoch") or 0
+    if resumed:
+        # The training time spans the earlier processes; the wall time is this one's alone.
+        epochs_now = max(summary["epochs"] - resumed, 0)
+        times = [
+            f"  training time        {summary['train_time_s']:.1f} s"
+            f" (+ {summary['compile_time_s']:.1f} s compiling) over every run of it",
+            f"  this run             resumed after epoch {resumed}: {epochs_now} epoch(s) in"
+            f" {summary['wall_time_s']:.1f} s wall",
+        ]
+    else:
+        times = [
+            f"  training time        {summary['train_time_s']:.1f} s"
+            f" (+ {summary['compile_time_s']:.1f} s compiling,"
+            f" {summary['wall_time_s']:.1f} s wall)"
+        ]
     log(
         "\n".join(
             [
@@ -116,9 +136,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
                 f" (epoch {summary.get('best_val_epoch')})",
                 f"  final val accuracy   {pct('final_val_accuracy')}",
                 f"  final test accuracy  {pct('final_test_accuracy')}",
-                f"  training time        {summary['train_time_s']:.1f} s"
-                f" (+ {summary['compile_time_s']:.1f} s compiling,"
-                f" {summary['wall_time_s']:.1f} s wall)",
+                *times,
                 f"  throughput           {'-' if rate is None else f'{rate:,.0f}'} images/s"
                 f" on {summary['num_devices']} device(s)",
             ]

@@ -570,6 +570,7 @@ def _train(experiment: Experiment, manager: Any, wall_start: float) -> dict[str,
         num_devices=experiment.num_devices,
         noisy_labels=experiment.noisy_labels,
         wall_time=time.perf_counter() - wall_start,
+        resumed_from_epoch=start_epoch,
         gradient_evaluations=None
         if diverged_epoch
         else count_gradient_evaluations(experiment, state),

@@ -377,15 +377,21 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(run_dir.__file__)))
     env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": checkout, "PYTHONUNBUFFERED": "1"}
     long_run = ["--epochs=10000", "--optimizer=sgd", "--eval-every=10000"]
+    # `python -m experiments.train` as a terminal runs it: a foreground job whose SIGINT is not
+    # ignored (a test runner's worker may pass it on ignored).
+    script = (
+        "import runpy, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"sys.argv = ['experiments.train', *{flags(output_dir, *long_run)!r}]\n"
+        "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n"
+    )
     with open(err_log, "w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "experiments.train", *flags(output_dir, *long_run)],
+            [sys.executable, "-c", script],
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
-            # Ctrl-C reaches a foreground job whose SIGINT is not ignored: as a terminal runs it.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     watchdog = threading.Timer(300, process.kill)  # a hung run fails the test, never blocks it
     watchdog.start()
@@ -435,6 +441,17 @@ def test_a_stop_signal_lets_the_checkpoint_write_complete(capsys):
             raise OSError(28, "No space left on device")
     with runtime.stop_signals_deferred():
         pass  # nothing left pending
+
+
+def test_resuming_a_finished_run_keeps_its_times_apart(run_copy, capsys):
+    first = read_json(os.path.join(run_copy, run_dir.SUMMARY_FILE))
+    capsys.readouterr()
+    summary = train_cli.main(flags(run_copy, "--resume"))
+    out = capsys.readouterr().out
+    assert summary["completed"] and summary["resumed_from_epoch"] == 2
+    assert summary["train_time_s"] == first["train_time_s"]  # the first run's epochs
+    assert "over every run of it" in out and "resumed after epoch 2: 0 epoch(s) in" in out
+    assert " s wall)" not in out  # no training time of one process beside another's wall time
 
 
 def test_the_lock_is_released_on_error(run_copy, capsys):
