@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import sam_optax
-from experiments.benchmarks import common, run_all, timing, vs_optax_contrib
+from experiments.benchmarks import common, per_example, run_all, timing, vs_optax_contrib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,3 +188,13 @@ def test_bad_benchmark_flags_end_with_one_line_and_status_2(call, message, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_per_example_benchmark_costs_what_its_pass_count_says(tmp_path):
+    """In-process, tiny MLP: the one-pass head ascent costs a plain step's FLOPs, the exact
+    per-example ascent fewer than two SGD steps' plus the shifts."""
+    rows = {r["config"]: r for r in per_example.main(["--quick", "--out-dir", str(tmp_path)])}
+    assert set(rows) == set(per_example.CONFIGS)
+    assert rows["head1"]["flops_vs_sgd"] <= 1.05
+    assert 1.0 < rows["m1_exact"]["flops_vs_sgd"] <= rows["sam"]["flops_vs_sgd"]
+    assert (tmp_path / "per_example_quick.md").read_text().count("| m1_exact |") == 1

@@ -26,6 +26,7 @@ SCRIPTS: dict[str, dict[str, list[str] | None]] = {
     "conv_probe": {"cpu": [], "gpu": None},
     "harness_overhead": {"cpu": [], "gpu": []},
     "switching_cost": {"cpu": [], "gpu": []},
+    "per_example": {"cpu": [], "gpu": ["--batch-size", "512", "--rounds", "30", "--warmup", "3"]},
 }
 
 
