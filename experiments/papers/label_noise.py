@@ -58,8 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 # The second regime: the full training set (55,000 images after the 5,000 held out), the same
-# MLP, 10 epochs (4,290 steps, 4.4x the first regime's).
-PRESETS["fashion-full"] = dict(PRESETS["fashion-cpu"], train_size=0, epochs=10)
+# MLP, 5 epochs (2,145 steps, 2.2x the first regime's; 11x its images).
+PRESETS["fashion-full"] = dict(PRESETS["fashion-cpu"], train_size=0, epochs=5)
 DEFAULT_PRESET = "fashion-cpu"
 # Every preset's runs: no augmentation, no progress bar, one checkpoint (at the end: saving every
 # epoch would cost more than training an MLP).
