@@ -147,10 +147,14 @@ def test_efficiency_end_to_end(tmp_path, fashion_dir):
     flags = _tiny_label_noise_flags(
         fashion_dir, out, "--seeds", "2", "--noise-rates", "0", "0.5", "--num-devices", "1"
     )
-    info = efficiency.main([*flags, "--methods", "every2", "late50", "m16"])
+    info = efficiency.main([*flags, "--methods", "every2", "late50", "m16", "head1"])
     # SGD and SAM come first although not asked for: the shares are taken between them.
     methods = [r["method"] for r in info["runs"]]
-    assert methods[:4] == ["sgd", "sgd", "sam", "sam"] and len(methods) == 2 * 5 * 2
+    assert methods[:4] == ["sgd", "sgd", "sam", "sam"] and len(methods) == 2 * 6 * 2
+    # head SAM's rho is one of its grid's, chosen on validation; the sharpness is measured.
+    head = next(r for r in info["runs"] if r["method"] == "head1")
+    assert head["rho"] in (0.01, 0.03, 0.1, 0.2) and len(head["grid"]) == 4
+    assert all("top_eigenvalue" in r for r in info["runs"] if r["method"] in ("sgd", "late50"))
     for name in (
         "efficiency.md",
         "table.csv",
@@ -160,11 +164,15 @@ def test_efficiency_end_to_end(tmp_path, fashion_dir):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     costs = {e["method"]: e["gradient_evaluations_vs_sgd"] for e in info["table"]}
     # 48 training images, batch 16, 2 epochs: 6 steps; late50 ascends on the last 3.
-    assert costs == {"sgd": 1.0, "sam": 2.0, "every2": 1.5, "late50": 1.5, "m16": 2.0}
+    assert costs == {
+        "sgd": 1.0, "sam": 2.0, "every2": 1.5, "late50": 1.5, "m16": 2.0, "head1": 1.0
+    }  # fmt: skip
     with open(os.path.join(out, "efficiency.md")) as f:
         report = f.read()
     assert "Target (90 % of SAM's final-epoch gain" in report and "Machine:" in report
-    again = efficiency.main([*flags, "--methods", "every2", "late50", "m16"])
+    assert "Chosen on the validation split" in report
+    assert "## Sharpness of the final checkpoints" in report
+    again = efficiency.main([*flags, "--methods", "every2", "late50", "m16", "head1"])
     assert not any(r["trained"] for r in again["runs"])
 
 

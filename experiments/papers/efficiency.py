@@ -24,16 +24,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from experiments import config as config_lib
 from experiments import flags, optimizer_registry, reporting, runtime, trainer
 from experiments.config import TrainConfig
 from experiments.flags import option
-from experiments.papers import cached_runs, common, label_noise
+from experiments.papers import cached_runs, common, label_noise, late_phase_fashion
 
 NAME = "efficiency"
 
@@ -215,18 +217,44 @@ def select_flags(args: EfficiencyConfig) -> dict[str, dict[str, Any]]:
     return chosen
 
 
+# The final checkpoints whose sharpness the report gives (Zhou et al.: SAM selects flatter
+# minima late in training), and how it is measured: the top Hessian eigenvalue of the training
+# loss on the first images of the (noisy) training split, by Lanczos.
+SHARPNESS_METHODS = ("sgd", "sam", "late10", "late25", "late50")
+HESSIAN = types.SimpleNamespace(hessian_size=2048, hessian_chunk=512, lanczos_iters=20)
+
+
+def top_eigenvalue(config: TrainConfig, dataset: Any, measures: dict) -> float:
+    """The top Hessian eigenvalue at a finished run's final checkpoint (`measures` caches the
+    jitted measurement per data set)."""
+    experiment, state = cached_runs.final_state(config, dataset)
+    if id(dataset) not in measures:
+        measures[id(dataset)] = late_phase_fashion.make_measure(experiment, dataset, HESSIAN)
+    values = measures[id(dataset)](
+        jax.device_get(state.params), jax.device_get(state.batch_stats), jax.random.key(0)
+    )
+    return float(values["top_eigenvalue"])
+
+
 def run_all(args: EfficiencyConfig) -> list[dict[str, Any]]:
     """Every (noise rate, method, seed) run, trained or read back; one row per run."""
     results = []
     chosen = select_flags(args)
+    measures: dict = {}
     for rate in args.noise_rates:
-        dataset = None  # loaded once per noise rate, and only if a run trains
+        dataset = None  # loaded once per noise rate, and only if a run trains or is measured
         for method in args.methods:
             for seed in range(args.seeds):
                 config = run_config(args, method, rate, seed, chosen.get(method))
-                if dataset is None and not cached_runs.is_done(config):
+                measured = method in SHARPNESS_METHODS
+                if dataset is None and (measured or not cached_runs.is_done(config)):
                     dataset = trainer.load_dataset(config)
                 summary, _, trained = cached_runs.run_or_load(config, dataset)
+                if measured and not summary.get("diverged"):
+                    summary = {
+                        **summary,
+                        "top_eigenvalue": top_eigenvalue(config, dataset, measures),
+                    }
                 cost = summary["gradient_evaluations_vs_sgd"]
                 print(
                     f"{label_noise.noise_tag(rate)} {method} s{seed}: "
@@ -282,6 +310,11 @@ def summarize(results: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> l
                 else float("nan")
             )
             entry["train_time_s"] = median_train_time(results, method)
+            eigenvalues = [r["top_eigenvalue"] for r in runs if "top_eigenvalue" in r]
+            if eigenvalues:
+                entry["top_eigenvalue_mean"], entry["top_eigenvalue_std"] = reporting.mean_std(
+                    eigenvalues
+                )
             stats[method] = entry
         base, sam = stats[BASELINE], stats[FULL_SAM]
         for entry in stats.values():
@@ -568,6 +601,58 @@ def claims(table: Sequence[Mapping[str, Any]], rate: float) -> list[str]:
     return lines
 
 
+def sharpness_lines(table: Sequence[Mapping[str, Any]], args: EfficiencyConfig) -> list[str]:
+    """The top Hessian eigenvalue of the final checkpoints: a table and what it says about
+    late-phase SAM (does it reach full SAM's sharpness, and after how much of the run)."""
+    measured = [m for m in SHARPNESS_METHODS if any(
+        e["method"] == m and "top_eigenvalue_mean" in e for e in table
+    )]  # fmt: skip
+    if not {"sgd", "sam"} <= set(measured):
+        return []
+    rows, sentences = [], []
+    for method in measured:
+        row = {"method": METHODS[method].label}
+        for rate in args.noise_rates:
+            e = _entry(table, rate, method)
+            row[label_noise.noise_tag(rate)] = (
+                f"{e['top_eigenvalue_mean']:.3g} ± {e['top_eigenvalue_std']:.2g}"
+            )
+        rows.append(row)
+    for rate in args.noise_rates:
+        sgd, sam = (_entry(table, rate, m)["top_eigenvalue_mean"] for m in ("sgd", "sam"))
+        closed = {
+            m: (sgd - _entry(table, rate, m)["top_eigenvalue_mean"]) / (sgd - sam)
+            for m in measured
+            if m.startswith("late") and sgd != sam
+        }
+        reached = [m for m, share in closed.items() if share >= 0.9]
+        gaps = ", ".join(f"{METHODS[m].label} {100 * share:.0f} %" for m, share in closed.items())
+        first = min(reached, key=lambda m: METHODS[m].flags["sam_last_fraction"], default=None)
+        sentences.append(
+            f"{label_noise.noise_label(rate, args.base.label_noise_mode)}: SGD ends at "
+            f"{sgd:.3g}, SAM at {sam:.3g} ({'flatter' if sam < sgd else 'sharper'}); share of "
+            f"that gap closed by late SAM: {gaps}. "
+            + (
+                f"SAM on the last {100 * METHODS[first].flags['sam_last_fraction']:g} % of the "
+                "steps already reaches 90 % of full SAM's flatness."
+                if first
+                else "No late-SAM run reaches 90 % of full SAM's flatness."
+            )
+        )
+    return [
+        "## Sharpness of the final checkpoints",
+        "",
+        f"Top Hessian eigenvalue of the training loss (the first {HESSIAN.hessian_size} training "
+        f"images, their training labels; Lanczos, {HESSIAN.lanczos_iters} steps), mean ± std "
+        "over seeds:",
+        "",
+        reporting.markdown_table(rows, list(rows[0]), fmt=str),
+        "",
+        *sentences,
+        "",
+    ]
+
+
 def write_report(table, results, args, seconds, clock, out) -> None:
     trained = sum(r["trained"] for r in results)
     rho_of = {r["method"]: r["rho"] for r in results if r["method"] != BASELINE}
@@ -630,6 +715,7 @@ def write_report(table, results, args, seconds, clock, out) -> None:
             *claims(table, rate),
             "",
         ]
+    lines += sharpness_lines(table, args)
     lines += [
         "Test accuracy (%), mean ± std over seeds; in brackets the difference to SGD, marked * "
         "where it exceeds the sum of the two standard deviations (a rough screen with few seeds, "
