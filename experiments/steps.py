@@ -144,9 +144,10 @@ def make_train_step(
 
     def per_example_value_and_grad(params, batch_stats, images, labels, rngs):
         group_size = micro_batch or images.shape[0]
-        return sam_optax.per_example.value_and_grad(
-            loss_fn, group_size=group_size, has_aux=True
-        )(params, batch_stats, images, labels, rngs)
+        return sam_optax.per_example.value_and_grad(loss_fn, group_size=group_size, has_aux=True)(
+            params, batch_stats, images, labels, rngs
+        )
+
     tx = optax.with_extra_args_support(tx)
 
     def step(state: TrainState, images_uint8, labels, key):
