@@ -100,6 +100,12 @@ def _methods() -> dict[str, Method]:
 
 
 METHODS: dict[str, Method] = _methods()
+# The per-example methods and the cheap ones they are compared with, after SGD and SAM (the
+# second regime's list is this one less m = 16).
+PER_EXAMPLE_METHODS = (
+    "stable_sam", "late10", "late25", "late50", "every5", "rst20", "looksam5", "momentum_sam",
+    "head1", "head2", "penalty", "m1", "m16",
+)  # fmt: skip
 BASELINE, FULL_SAM = "sgd", "sam"
 FAMILY_COLORS = {
     "sgd": "k", "sam": "C1", "stable_sam": "C0", "late": "C2", "every": "C3", "looksam": "C7",

@@ -6,7 +6,9 @@
 The small ones take a few minutes on a CPU; ``label_noise`` (the optimizers' table on
 Fashion-MNIST), ``late_phase_fashion`` and ``efficiency`` (the efficient-SAM frontier) train
 through the harness and take about 40, 15 and 45 minutes on an idle 2-core CPU (their runs are
-kept under ``<folder>/runs/``, git-ignored, and reused when the command is repeated).
+kept under ``<folder>/runs/``, git-ignored, and reused when the command is repeated);
+``efficiency_per_example`` and ``efficiency_full`` are the frontier's per-example methods in the
+first regime and in the second (``--preset fashion-full``, the full training set).
 
 Each experiment runs with its default flags (the quadratic once more with gradient noise) and
 writes its PNG figures and Markdown report to ``experiments/figures/<name>/``; the CSV and JSON
@@ -39,6 +41,11 @@ FIGURES: dict[str, tuple[Callable[[Sequence[str]], dict], list[str]]] = {
     "label_noise": (label_noise.main, []),
     "late_phase_fashion": (late_phase_fashion.main, []),
     "efficiency": (efficiency.main, []),
+    "efficiency_per_example": (efficiency.main, ["--methods", *efficiency.PER_EXAMPLE_METHODS]),
+    "efficiency_full": (
+        efficiency.main,
+        ["--preset", "fashion-full", "--methods", *efficiency.PER_EXAMPLE_METHODS[:-1]],
+    ),
 }
 
 
