@@ -321,6 +321,7 @@ class Ascent:
         if self.warn_inside_multi_steps and inside_multi_steps():
             warnings.warn(MULTI_STEPS_WARNING, stacklevel=3)
         resolve_mask(self.perturb_mask, params)
+        self.check_complex(params)
         if micro_batches is None:
             if self.axis_name is not None:
                 _parallel.check_per_device_gradient(updates, self.axis_name)
@@ -332,6 +333,28 @@ class Ascent:
                 "micro_batches) and no micro_batches."
             )
         return params
+
+    def check_complex(self, params: optax.Params) -> None:
+        """Complex parameters are supported where a step is the same step on the (Re, Im) pairs:
+        the L2 ascent with plain norms. A ValueError names the keywords that break it."""
+        if not any(jnp.iscomplexobj(x) for x in jax.tree.leaves(params)):
+            return
+        refused = [
+            text
+            for text, on in (
+                ("adaptive=True", self.adaptive),
+                (f"ascent_norm={self.ascent_norm!r}", self.ascent_norm not in (None, 2)),
+                ("stable_norm='adaptive'", self.stable and self.stable_norm == "adaptive"),
+            )
+            if on
+        ]
+        if refused:
+            raise ValueError(
+                f"{self.call}({', '.join(refused)}) does not support complex parameters (it does "
+                "not act on each as on its (Re, Im) pair): use the L2 ascent, e.g. "
+                f"{self.call}(rho=0.05), or pass each complex parameter z as "
+                "jnp.stack([z.real, z.imag], -1)."
+            )
 
     def transformation(
         self, init_fn: Callable[[optax.Params], Any], update: Callable[..., tuple[Any, Any]]

@@ -48,7 +48,9 @@ def friendly_sam(
 
     Removing the full-gradient component (estimated by m) keeps the batch-specific part of the
     ascent, which the paper finds to be what helps generalization. sigma = 0 is SAM. Costs two
-    passes per step (one where rho is 0; m is updated on every step).
+    passes per step (one where rho is 0; m is updated on every step). A step whose output is not
+    finite (a NaN or inf in g or g_p, which `optax.apply_if_finite` then skips) leaves m as it
+    was; complex parameters take the step of their (Re, Im) pairs.
 
     With `axis_name`, m is the average of the averaged gradients (the same on every device);
     each device's d uses its own g unless `sync_ascent`.
@@ -101,12 +103,16 @@ def friendly_sam(
             state.m,
             g,
         )
-        new_state = FriendlySAMState(count=optax.safe_increment(state.count), m=m)
+        count = optax.safe_increment(state.count)
+
+        def finish(out: optax.Updates) -> tuple[optax.Updates, FriendlySAMState]:
+            # A step whose output is not finite (optax.apply_if_finite skips it) keeps m.
+            return out, FriendlySAMState(count=count, m=tree.where_finite(out, m, state.m))
+
         if ascent.static_rho == 0:
-            return g, new_state
+            return finish(g)
         d = tree.axpy(-sigma_now, state.m, tree.to_wide(ascent.own_or_synced(g, updates)))
         g_p, eps = ascent.perturbed_gradient(d, updates, params, grad_fn, rho_now)
-        out = ascent.rescale(ascent.average(g_p), g, params, eps)
-        return out, new_state
+        return finish(ascent.rescale(ascent.average(g_p), g, params, eps))
 
     return ascent.transformation(init_fn, update)

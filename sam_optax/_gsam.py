@@ -50,7 +50,8 @@ def gsam(
     descends the surrogate gap L(w + eps) - L(w) without changing the descent of L(w + eps).
     alpha = 0 with `minimize_perturbed` is SAM exactly. Costs two passes per step (one where rho
     is 0, as for :func:`sam_optax.sam`). The paper ties rho to the learning rate: see
-    :func:`gsam_rho_schedule`.
+    :func:`gsam_rho_schedule`. Inner products are Re sum(conj(x) y), so complex parameters take
+    the step of their (Re, Im) pairs.
 
     With `axis_name` the decomposition uses the averaged g and the averaged g_p (the official
     big_vision code decomposes each worker's gradients before averaging).

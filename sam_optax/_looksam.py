@@ -67,7 +67,9 @@ def looksam(
 
     and `grad_fn` is not evaluated at run time (the second pass sits in a `lax.cond`), so the
     average step costs (k + 1) / (2k) of a SAM step. k = 1 is SAM. With a rho schedule, a SAM
-    step whose rho is 0 stores g_v = 0 (the following steps output g).
+    step whose rho is 0 stores g_v = 0 (the following steps output g). A step whose output is not
+    finite (which `optax.apply_if_finite` then skips) leaves g_v as it was. Inner products are
+    Re sum(conj(x) y), so complex parameters take the step of their (Re, Im) pairs.
 
     With `axis_name`, g_s and g (hence g_v) are averaged over the axis; each device's eps comes
     from its own gradient unless `sync_ascent`.
@@ -140,6 +142,7 @@ def looksam(
         else:
             out, g_v, eps = jax.lax.cond(sam_step, sam_branch, reuse_branch)
         out = ascent.rescale(out, g, params, eps)
-        return out, LookSAMState(count=count, g_v=g_v)
+        # A step whose output is not finite (optax.apply_if_finite skips it) keeps g_v.
+        return out, LookSAMState(count=count, g_v=tree.where_finite(out, g_v, state.g_v))
 
     return ascent.transformation(init_fn, update)

@@ -69,6 +69,8 @@ def momentum_sam(
     to its norm. `stable=True` needs `updates` (a TypeError says so otherwise).
 
     With `axis_name`, g_p is averaged over the axis, so v and eps are the same on every device.
+    A step whose output is not finite (which `optax.apply_if_finite` then skips) leaves v as it
+    was; complex parameters take the step of their (Re, Im) pairs.
 
     Example:
 
@@ -158,6 +160,8 @@ def momentum_sam(
         new_momentum = jax.tree.map(
             lambda v, x: (mu * v + x).astype(v.dtype), state.momentum, tree.to_wide(out)
         )
+        # A step whose output is not finite (optax.apply_if_finite skips it) keeps v.
+        new_momentum = tree.where_finite(out, new_momentum, state.momentum)
         return out, MomentumSAMState(count=optax.safe_increment(state.count), momentum=new_momentum)
 
     return ascent.transformation(init_fn, update)

@@ -22,6 +22,11 @@ from sam_optax._grad_fn import GradFn
 from sam_optax._typing import Schedule, Unpack
 
 MASK_RULES = ("fisher", "dynamic")
+COMPLEX_REFUSED = (
+    "sparse_sam does not support complex parameters (its mask ranks real coordinates): pass "
+    "each complex parameter z as jnp.stack([z.real, z.imag], -1), or use "
+    "sam_optax.sam(rho=0.05), which supports them."
+)
 
 
 class SparseSAMState(NamedTuple):
@@ -37,15 +42,20 @@ class SparseSAMState(NamedTuple):
 
 
 def _flat(tree_: Any) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree_)])
+    """The leaves of `tree_` end to end (an empty vector for a tree without leaves)."""
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree_)]
+    return jnp.concatenate(leaves) if leaves else jnp.zeros([0], jnp.float32)
 
 
 def _unflat(vector: jax.Array, like: Any) -> Any:
+    """`vector` cut into the leaves of `like` (its shapes; any leaf with a shape will do)."""
     leaves, treedef = jax.tree.flatten(like)
-    sizes = np.cumsum([x.size for x in leaves])[:-1]
-    parts = jnp.split(vector, sizes)
+    if not leaves:
+        return jax.tree.unflatten(treedef, [])
+    shapes = [np.shape(x) for x in leaves]
+    parts = jnp.split(vector, np.cumsum([math.prod(shape) for shape in shapes])[:-1])
     return jax.tree.unflatten(
-        treedef, [p.reshape(x.shape) for p, x in zip(parts, leaves, strict=True)]
+        treedef, [p.reshape(shape) for p, shape in zip(parts, shapes, strict=True)]
     )
 
 
@@ -83,7 +93,7 @@ def dynamic_update(mask: Any, g: Any, key: jax.Array, death_rate: jax.Array, k: 
 
 
 def _size(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
 
 
 def _positive_int(value: Any) -> bool:
@@ -151,7 +161,9 @@ def sparse_sam(
     sparsity = 0 is SAM (the mask holds every coordinate). The official code refreshes every
     `update_freq` epochs (5 by default; its published runs use 1); `update_every` counts steps,
     so pass epochs times steps per epoch. A refresh ranks all N coordinates (two sorts for
-    SSAM-D), behind a `lax.cond` that only refresh steps take.
+    SSAM-D), behind a `lax.cond` that only refresh steps take. A step whose output is not finite
+    (which `optax.apply_if_finite` then skips) leaves the mask and the Fisher sums as they were.
+    Complex parameters are refused (a ValueError): pass each as its (Re, Im) pairs.
 
     Example:
 
@@ -206,7 +218,7 @@ def sparse_sam(
         key, mask_key = jax.random.split(jax.random.PRNGKey(seed))
         live = random_mask(mask_key, params, live_count(params)) if dynamic else None
         if live is None:
-            live = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), params)
+            live = jax.tree.map(lambda x: jnp.zeros(np.shape(x), bool), params)
         return SparseSAMState(
             count=jnp.zeros([], jnp.int32),
             mask=live,
@@ -235,12 +247,20 @@ def sparse_sam(
     def update(
         updates: optax.Updates, state: SparseSAMState, params: optax.Params, grad_fn: GradFn
     ) -> tuple[optax.Updates, SparseSAMState]:
+        if any(jnp.iscomplexobj(x) for x in jax.tree.leaves(params)):
+            raise ValueError(COMPLEX_REFUSED)
         rho_now = ascent.rho_at(state.count)
         g = ascent.average(updates)
         new_mask, fisher, key = refreshed(state, g, live_count(params))
-        new_state = SparseSAMState(optax.safe_increment(state.count), new_mask, fisher, key)
+
+        def finish(out: optax.Updates) -> tuple[optax.Updates, SparseSAMState]:
+            # A step whose output is not finite (optax.apply_if_finite skips it) keeps the mask
+            # and the Fisher sums as they were.
+            kept = tree.where_finite(out, (new_mask, fisher), (state.mask, state.fisher))
+            return out, SparseSAMState(optax.safe_increment(state.count), *kept, key)
+
         if ascent.static_rho == 0:
-            return g, new_state
+            return finish(g)
         direction = g if ascent.sync_ascent or ascent.axis_name is None else updates
         masked = jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), new_mask, direction)
         # The ascent normalizes what it is given; scaling rho by ||m g|| / ||g|| makes eps the
@@ -250,7 +270,7 @@ def sparse_sam(
         )
         radius = rho_now * scale
         g_p, eps = ascent.perturbed_gradient(masked, updates, params, grad_fn, radius)
-        return ascent.rescale(ascent.average(g_p), g, params, eps), new_state
+        return finish(ascent.rescale(ascent.average(g_p), g, params, eps))
 
     return ascent.transformation(init_fn, update)
 

@@ -49,9 +49,10 @@ def l2_norm(tree: Any) -> jax.Array:
 
 
 def inner(a: Any, b: Any) -> jax.Array:
-    """<a, b> over two pytrees of the same structure, accumulated in the wide dtype."""
+    """<a, b> = Re sum(conj(a) b) over two pytrees of the same structure, accumulated in the wide
+    dtype: the real inner product of the (Re, Im) pairs for complex leaves, sum(a b) for real."""
     leaves = [
-        jnp.sum(x.astype(wide_dtype(x.dtype)) * y.astype(wide_dtype(y.dtype)))
+        jnp.sum(jnp.real(jnp.conj(x.astype(wide_dtype(x.dtype))) * y.astype(wide_dtype(y.dtype))))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     ]
     return sum(leaves) if leaves else jnp.zeros([], jnp.float32)
@@ -76,6 +77,12 @@ def all_finite(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
     return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def where_finite(out: Any, new: Any, old: Any) -> Any:
+    """`new` if every element of `out` is finite, else `old`: a buffer keeps its value on a
+    step whose output is not finite (the step `optax.apply_if_finite` skips)."""
+    return optax.tree.where(all_finite(out), new, old)
 
 
 def nan_unless(ok: jax.Array, tree: Any) -> Any:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent, _checks
+from sam_optax import _tree as tree
 from sam_optax._ascent import SharedArgs
 from sam_optax._grad_fn import GradFn
 from sam_optax._typing import Schedule, Unpack
@@ -46,7 +47,9 @@ def vasso(
     Averaging the ascent direction over steps suppresses the variance of the stochastic
     gradient's direction. theta = 1 is SAM. Costs two passes per step (one where rho is 0; d is
     updated on every step). The official code divides by ||d|| + 1e-7; here a zero d gives
-    eps = 0.
+    eps = 0. A step whose output is not finite (a NaN or inf in g or g_p, which
+    `optax.apply_if_finite` then skips) leaves d as it was; complex parameters take the step of
+    their (Re, Im) pairs.
 
     With `axis_name`, the stored d is built from the averaged gradients (the same on every
     device); each device's ascent uses (1 - theta) d_{t-1} + theta g with its own g unless
@@ -98,13 +101,17 @@ def vasso(
 
         g = ascent.average(updates)
         d = jax.tree.map(ema, state.d, g)
-        new_state = VaSSOState(count=optax.safe_increment(state.count), d=d)
+        count = optax.safe_increment(state.count)
+
+        def finish(out: optax.Updates) -> tuple[optax.Updates, VaSSOState]:
+            # A step whose output is not finite (optax.apply_if_finite skips it) keeps d.
+            return out, VaSSOState(count=count, d=tree.where_finite(out, d, state.d))
+
         if ascent.static_rho == 0:
-            return g, new_state
+            return finish(g)
         own = ascent.sync_ascent or ascent.axis_name is None
         direction = d if own else jax.tree.map(ema, state.d, updates)
         g_p, eps = ascent.perturbed_gradient(direction, updates, params, grad_fn, rho_now)
-        out = ascent.rescale(ascent.average(g_p), g, params, eps)
-        return out, new_state
+        return finish(ascent.rescale(ascent.average(g_p), g, params, eps))
 
     return ascent.transformation(init_fn, update)
