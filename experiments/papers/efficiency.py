@@ -692,11 +692,13 @@ def write_report(table, results, args, seconds, clock, out) -> None:
     grids = {r["method"]: (r["chosen"], r["grid"]) for r in results if r.get("grid")}
     if grids:
         lines += [
-            "Chosen on the validation split (seed 0, the highest noise rate; best-epoch validation "
-            "accuracy of each candidate): "
+            "Chosen on the validation split (seed 0, the highest noise rate; in brackets each "
+            "candidate's validation accuracy at its best epoch; the penalty's candidates are "
+            "gamma_w-gamma_a): "
             + "; ".join(
-                f"{METHODS[m].label}: {_flags_tag(chosen)} of "
-                + ", ".join(f"{tag} {100 * acc:.2f} %" for tag, acc in grid)
+                f"{METHODS[m].label}: {_flags_tag(chosen)} ("
+                + ", ".join(f"{tag}: {100 * acc:.2f} %" for tag, acc in grid)
+                + ")"
                 for m, (chosen, grid) in grids.items()
             )
             + ".",
