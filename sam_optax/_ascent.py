@@ -11,6 +11,8 @@ of :class:`Ascent`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -74,6 +76,13 @@ def inside_multi_steps() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# The chain-order check of the `update` call being traced (or run outside jit); see
+# Ascent.checking_chain_order.
+_CHAIN_ORDER_STEP: contextvars.ContextVar[_composition.ChainOrderStep | None] = (
+    contextvars.ContextVar("sam_optax_chain_order_step", default=None)
+)
 
 
 MULTI_STEPS_WARNING = (
@@ -246,6 +255,9 @@ class Ascent:
     ascent_steps: int | None = None
     warn_inside_multi_steps: bool = False
     check_input_gradient: bool = False
+    # The chain-order check (a descent transformation in front), on every factory whose perturbed
+    # gradient can be compared with `updates` (see checking_chain_order); not a keyword.
+    descent_check: bool = True
 
     @classmethod
     def from_arguments(cls, call: str, arguments: dict[str, Any], **overrides: Any) -> Ascent:
@@ -356,6 +368,46 @@ class Ascent:
                 "jnp.stack([z.real, z.imag], -1)."
             )
 
+    # -- the chain order ----------------------------------------------------------------------
+
+    def checked_step(self, count: Any) -> Any:
+        """Whether the step `count` compares `updates` with the perturbed gradient: the first step
+        (count == 0) and, with a rho schedule, a step whose previous rho was 0 (the first ascent
+        of "SGD first, SAM late"). A bool, or a traced bool under `jax.jit`."""
+        checked = jnp.asarray(count) == 0
+        if callable(self.rho):
+            previous = self.rho(jnp.maximum(jnp.asarray(count) - 1, 0))
+            checked = checked | (jnp.asarray(previous) == 0)
+        return checked if isinstance(checked, jax.core.Tracer) else bool(checked)
+
+    @contextlib.contextmanager
+    def checking_chain_order(self, updates: Any, count: Any):
+        """The context of one `update` call in which :meth:`sam_gradient` checks the chain order:
+        that `updates` is a gradient, not the step of a descent transformation in front.
+
+        A descent step u points against the gradient g_p at the perturbed weights, which the
+        ascent computes anyway; the criterion is `_composition.descent_in_front`. Outside
+        `jax.jit` it raises a ValueError with the fix, on the checked steps
+        (:meth:`checked_step`). Under `jax.jit` it warns with the same text from a
+        `jax.debug.callback`, which gets three scalars at every step and reports on the checked
+        ones (`_composition.ChainOrderStep.check` says why not a `lax.cond`). The first step
+        suffices: there a descent step in front is -lr g or Adam's -lr g / |g|, whose signs are
+        those of -g exactly; later steps of a legitimate run are not put at risk. Nothing is
+        checked without `updates` (micro_batches, momentum_sam's one pass) or on a step whose rho
+        is 0 (no g_p).
+        """
+        if not self.descent_check or updates is None:
+            yield
+            return
+        eager = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(updates))
+        step = _composition.ChainOrderStep(self.call, self.checked_step(count), eager)
+        token = _CHAIN_ORDER_STEP.set(step)
+        try:
+            yield
+        finally:
+            _CHAIN_ORDER_STEP.reset(token)
+        step.finish()
+
     def transformation(
         self, init_fn: Callable[[optax.Params], Any], update: Callable[..., tuple[Any, Any]]
     ) -> optax.GradientTransformationExtraArgs:
@@ -373,7 +425,8 @@ class Ascent:
         ) -> tuple[optax.Updates, Any]:
             del extra_args
             params = self.check_update_inputs(updates, params, grad_fn, state.count)
-            return update(updates, state, params, grad_fn)
+            with self.checking_chain_order(updates, state.count):
+                return update(updates, state, params, grad_fn)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -422,6 +475,9 @@ class Ascent:
             reduce_grads=self.average if self.sync_ascent else (lambda g: g),
             axis_name=self.axis_name,
         )
+        step = _CHAIN_ORDER_STEP.get()
+        if step is not None:  # Inside `update`, with `updates` to compare (the gradient `like`).
+            step.check(like, g_p)
         return tree.nan_unless(tree.all_finite(like), g_p), self.typed_eps(eps)
 
     def perturbed_gradient(self, direction: Any, like: Any, params: Any, grad_fn: GradFn, rho: Any):
@@ -473,7 +529,9 @@ SHARED_ARGS_DOC = """
         every device uses the same eps.
       check_input_gradient: on the first step, raise a ValueError if `updates` differs from
         grad_fn(params) (a transformation in front of it in the chain), as in
-        :func:`sam_optax.sam`. Costs one more `grad_fn` evaluation on the first step.
+        :func:`sam_optax.sam`. A descent transformation in front is caught without it, from the
+        perturbed gradient; this also sees a scaling or clipping. Costs one more `grad_fn`
+        evaluation on the first step.
 """
 
 

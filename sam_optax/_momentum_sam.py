@@ -72,6 +72,12 @@ def momentum_sam(
     A step whose output is not finite (which `optax.apply_if_finite` then skips) leaves v as it
     was; complex parameters take the step of their (Re, Im) pairs.
 
+    In a chain, momentum_sam goes first, as :func:`sam_optax.sam`, but unlike the other variants
+    it does not check that: its g_p is taken a step down from w, which past a minimum (a large
+    rho near one) points against the gradient at w, just as g_p points against a descent step
+    that a transformation in front would pass as `updates`; the two cases are mirror images
+    (every vector negated), so no comparison of `updates`, v and g_p tells them apart.
+
     Example:
 
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -108,7 +114,8 @@ def momentum_sam(
       Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024 (official code:
       MarlonBecker/MSAM, `optimizer/msam.py`).
     """
-    ascent = _ascent.Ascent("momentum_sam", rho, sync_ascent=False, **shared)
+    # No chain-order check: see "In a chain" in the docstring.
+    ascent = _ascent.Ascent("momentum_sam", rho, sync_ascent=False, descent_check=False, **shared)
     _checks.check_real(
         "momentum",
         momentum,

@@ -94,7 +94,10 @@ def sam(
     r"""Sharpness-aware minimization: replaces the gradient by the gradient at an ascent point.
 
     Chain it in front of any base optimizer (first in the chain: it needs the gradient, not an
-    update), which then sees the SAM gradient.
+    update), which then sees the SAM gradient. Behind a descent transformation (e.g.
+    ``optax.chain(optax.adamw(lr), sam(rho))``) the incoming updates point against the gradient
+    at the ascent point: on the first step (and where a rho schedule turns on) that is a
+    ValueError naming the fix, a warning under `jax.jit`, at no extra gradient evaluation.
 
     With g the gradient at w (`updates`) and T = |w| + eta elementwise when `adaptive`, else 1:
 
@@ -159,7 +162,9 @@ def sam(
         ``sam(rho, adaptive=True, eta=0.0, stable=True, stable_norm="adaptive")``.
       check_input_gradient: a debug check of the chain order: on the first step, raise a
         ValueError if `updates` differs from grad_fn(params) (a transformation in front of sam).
-        Costs one more `grad_fn` evaluation on the first step; nothing when False (default).
+        A descent transformation in front is caught without it; this one also sees what keeps
+        the gradient's direction (a scaling, clipping). Costs one more `grad_fn` evaluation on
+        the first step; nothing when False (default).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update(updates, state, params, *,
@@ -222,6 +227,12 @@ def sam(
         params = ascent.check_update_inputs(
             updates, params, grad_fn, state.count, micro_batches=micro_batches
         )
+        # With micro_batches each ascent starts from a gradient grad_fn computed: nothing to check.
+        checked_updates = updates if micro_batches is None else None
+        with ascent.checking_chain_order(checked_updates, state.count):
+            return sam_update(updates, state, params, grad_fn, micro_batches)
+
+    def sam_update(updates, state, params, grad_fn, micro_batches):
         rho_now = ascent.rho_at(state.count)
         new_state = SAMState(count=optax.safe_increment(state.count))
         if micro_batches is not None:

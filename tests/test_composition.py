@@ -153,8 +153,19 @@ def test_check_input_gradient_catches_a_transformation_in_front(name):
         np.testing.assert_array_equal(checked[key], unchecked[key])
 
 
-def test_check_input_gradient_is_off_by_default():
-    step(optax.chain(optax.sgd(0.1), sam_optax.sam(0.1)))
+@pytest.mark.parametrize("name", FACTORIES)
+def test_a_descent_step_in_front_is_caught_without_check_input_gradient(name):
+    # The default check compares the updates with the perturbed gradient (tests/test_chain_order).
+    with pytest.raises(ValueError, match=r"optax.chain\(sam_optax.\w+\(...\), optax.adamw"):
+        step(optax.chain(optax.sgd(0.1), factory(name)))
+
+
+def test_check_input_gradient_sees_what_the_default_check_cannot():
+    # A scaling in front keeps the gradient's direction: only an evaluation of grad_fn sees it.
+    scaled = optax.chain(optax.scale(0.5), sam_optax.sam(0.1))
+    step(scaled)
+    with pytest.raises(ValueError, match="sam must come first"):
+        step(optax.chain(optax.scale(0.5), sam_optax.sam(0.1, check_input_gradient=True)))
 
 
 def test_check_input_gradient_under_jit_raises_on_the_first_step_only():
