@@ -117,3 +117,30 @@ def micro_batch_count(micro_batches: Any) -> int:
             f"batch); got {describe(micro_batches)}."
         )
     return sizes.pop()
+
+
+def scalar_loss(out: Any, call: str) -> Any:
+    """The loss `out` (what a loss_fn returned with has_aux=False), or a TypeError naming
+    has_aux=True when it is a tuple (e.g. (loss, logits)): jax.grad's own error is a long
+    traceback ending in "Gradient only defined for scalar-output functions"."""
+    if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"{call}: loss_fn returned a {type(out).__name__} of {len(out)} (e.g. (loss, logits)), "
+            f"not a scalar loss: pass has_aux=True, e.g. {call}(loss_fn, ..., has_aux=True) (aux "
+            "is dropped)."
+        )
+    return out
+
+
+FLAX_HINT = (
+    "{module} needs Flax, which is not installed: pip install flax (or pip install "
+    '"sam-optax[experiments]"). `import sam_optax` alone needs only JAX and Optax.'
+)
+
+
+def missing_flax(error: ModuleNotFoundError, module: str) -> ModuleNotFoundError:
+    """The error to raise for a failed Flax import in `module`: one naming the install when
+    Flax itself is missing, `error` otherwise (a module Flax imports)."""
+    if error.name is None or error.name.split(".")[0] != "flax":
+        return error
+    return ModuleNotFoundError(FLAX_HINT.format(module=module), name=error.name)

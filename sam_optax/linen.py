@@ -13,7 +13,8 @@ With BatchNorm, the statistics come from the first pass only: the loss returns t
 statistics as aux, the state takes those of the first pass and :func:`grad_fn` drops those of
 the perturbed pass (see its example).
 
-This module imports Flax; ``import sam_optax`` alone does not.
+This module imports Flax (without it, the ImportError names the install); ``import sam_optax``
+alone does not.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import optax
-from flax.training import train_state
 
+from sam_optax._grad_fn import missing_flax, scalar_loss
 from sam_optax._masks import layer_mask
+
+try:
+    import flax.linen as nn
+    from flax.training import train_state
+except ModuleNotFoundError as error:
+    raise missing_flax(error, "sam_optax.linen") from None
 
 __all__ = ["NORMALIZATION_LAYERS", "TrainState", "grad_fn", "normalization_mask"]
 
@@ -100,7 +106,8 @@ def grad_fn(
     Args:
       loss_fn: ``loss_fn(params, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with `has_aux`).
       *args: its other arguments (batch statistics, batch, dropout key, ...).
-      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped.
+      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped. A loss that returns a tuple
+        without it is a TypeError naming it.
       **kwargs: its keyword arguments.
 
     Returns:
@@ -134,8 +141,12 @@ def grad_fn(
       True
     """
 
+    def loss(params: Any) -> Any:
+        out = loss_fn(params, *args, **kwargs)
+        return out if has_aux else scalar_loss(out, "sam_optax.linen.grad_fn")
+
     def gradient(params: Any) -> Any:
-        grads = jax.grad(loss_fn, has_aux=has_aux)(params, *args, **kwargs)
+        grads = jax.grad(loss, has_aux=has_aux)(params)
         return grads[0] if has_aux else grads
 
     return gradient

@@ -12,7 +12,8 @@ a pure gradient state. :func:`grad_fn` builds it from a loss of the model::
       optimizer.update(model, grads, grad_fn=grad_fn)
       return loss
 
-This module imports Flax; ``import sam_optax`` alone does not.
+This module imports Flax (without it, the ImportError names the install); ``import sam_optax``
+alone does not.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from flax import nnx
 
+from sam_optax._grad_fn import missing_flax, scalar_loss
 from sam_optax._masks import layer_mask
+
+try:
+    from flax import nnx
+except ModuleNotFoundError as error:
+    raise missing_flax(error, "sam_optax.nnx") from None
 
 __all__ = ["NORMALIZATION_LAYERS", "grad_fn", "normalization_mask"]
 
@@ -56,7 +62,8 @@ def grad_fn(
       model: the model, in its state before the first pass of the step.
       *args: the loss's other arguments (the batch).
       wrt: the variables to differentiate, as given to `nnx.Optimizer` (default `nnx.Param`).
-      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped.
+      has_aux: `loss_fn` returns ``(loss, aux)``; aux is dropped. A loss that returns a tuple
+        without it is a TypeError naming it.
       **kwargs: keyword arguments of `loss_fn`.
 
     Returns:
@@ -89,7 +96,8 @@ def grad_fn(
 
     def loss_at(params: nnx.State, *more_args: Any) -> Any:
         copy = nnx.merge(graphdef, params, rest)
-        return loss_fn(copy, *args, *more_args, **kwargs)
+        out = loss_fn(copy, *args, *more_args, **kwargs)
+        return out if has_aux else scalar_loss(out, "sam_optax.nnx.grad_fn")
 
     def gradient(params: nnx.State, *more_args: Any) -> nnx.State:
         grads = jax.grad(loss_at, has_aux=has_aux)(nnx.as_pure(params), *more_args)

@@ -155,6 +155,21 @@ class NNXTest(chex.TestCase):
         with self.assertRaisesRegex(TypeError, r"grad_fn.*sam_optax.nnx.grad_fn"):
             optimizer.update(model, grads, grad_fn=lambda p: nnx.grad(loss)(model))
 
+    def test_a_loss_with_aux_needs_has_aux(self):
+        model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+        x, y = jnp.ones((4, 2)), jnp.zeros(4, jnp.int32)
+
+        def loss_and_logits(model, x, y):
+            logits = model(x)
+            return cross_entropy(logits, y), logits
+
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        fix = r"^sam_optax.nnx.grad_fn: loss_fn returned a tuple of 2 .* pass has_aux=True[^\n]*$"
+        with self.assertRaisesRegex(TypeError, fix):
+            sam_optax.nnx.grad_fn(loss_and_logits, model, x, y)(params)
+        grads = sam_optax.nnx.grad_fn(loss_and_logits, model, x, y, has_aux=True)(params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+
 
 class Net(nn.Module):
     @nn.compact
@@ -230,6 +245,20 @@ class LinenTest(chex.TestCase):
         self.assertEqual(state.batch_stats, {"m": 1})
         np.testing.assert_array_equal(state.params["w"], 2.0)  # w + the passed-through g
 
+    def test_a_loss_with_aux_needs_has_aux(self):
+        params = {"w": jnp.ones((2, 3))}
+        x = jnp.ones((4, 2))
+
+        def loss_and_logits(params, x):
+            logits = x @ params["w"]
+            return jnp.mean(logits**2), logits
+
+        fix = r"^sam_optax.linen.grad_fn: loss_fn returned a tuple of 2 .* has_aux=True[^\n]*$"
+        with self.assertRaisesRegex(TypeError, fix):
+            sam_optax.linen.grad_fn(loss_and_logits, x)(params)
+        grads = sam_optax.linen.grad_fn(loss_and_logits, x, has_aux=True)(params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+
     def test_flax_train_state_does_not_forward(self):
         """Why the subclass exists: Flax's own TrainState takes grad_fn for a field."""
         state = train_state.TrainState.create(
@@ -273,3 +302,38 @@ def test_import_needs_only_jax_and_optax():
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
     assert sam_optax.nnx.grad_fn and sam_optax.linen.TrainState  # loaded on first access
+
+
+def test_the_flax_helpers_without_flax_name_the_install():
+    """`import sam_optax.nnx` (or linen) without Flax: an ImportError (a ModuleNotFoundError, as
+    Python's own) whose message is the install command."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["flax"] = None  # Flax is not installed.
+        import sam_optax
+        for module in ("nnx", "linen"):
+            try:
+                __import__(f"sam_optax.{module}")
+            except ModuleNotFoundError as error:
+                assert isinstance(error, ImportError) and error.name.startswith("flax"), error
+                print(f"{type(error).__name__}: {error}")
+            else:
+                raise AssertionError(f"sam_optax.{module} imported without flax")
+        try:
+            sam_optax.nnx
+        except ImportError as error:
+            print(f"attribute: {error}")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for line, module in zip(lines, ("nnx", "linen", "nnx"), strict=True):
+        assert f"sam_optax.{module} needs Flax" in line, line
+        assert 'pip install flax (or pip install "sam-optax[experiments]")' in line, line
