@@ -498,7 +498,9 @@ def target_line(table: Sequence[Mapping[str, Any]], rate: float, key: str = "fin
     """Which methods reach the target, or the closest one."""
     sgd, sam = _entry(table, rate, BASELINE), _entry(table, rate, FULL_SAM)
     gain = sam[f"{key}_mean"] - sgd[f"{key}_mean"]
-    if not gain > 0 or not label_noise.significant(gain, sam[f"{key}_std"], sgd[f"{key}_std"]):
+    if not gain > 0:
+        return f"SAM does not gain over SGD here ({100 * gain:+.2f} points): no gain to keep."
+    if not label_noise.significant(gain, sam[f"{key}_std"], sgd[f"{key}_std"]):
         return (
             f"SAM's gain over SGD here ({100 * gain:+.2f} points) is within the seeds' spread, "
             "so there is no gain to keep."
@@ -542,7 +544,10 @@ def cheap_verdict(table: Sequence[Mapping[str, Any]], rate: float, key: str = "f
     gains = {"SAM": sam[f"{key}_mean"] - sgd[f"{key}_mean"]}
     gains["1-SAM"] = one[f"{key}_mean"] - sgd[f"{key}_mean"]
     if not all(g > 0 for g in gains.values()):
-        return "SAM or 1-SAM does not gain over SGD here, so there is no gain to keep."
+        return (
+            f"SAM ({100 * gains['SAM']:+.2f} points) or 1-SAM ({100 * gains['1-SAM']:+.2f}) does "
+            "not gain over SGD here, so there is no gain to keep."
+        )
     rows = []
     for e in table:
         if e["noise_rate"] != rate or e["method"] in (BASELINE, FULL_SAM, PER_EXAMPLE_SAM):
