@@ -294,3 +294,27 @@ def test_per_device_examples_under_shard_map():
     x, y = jax.device_put((x, y), jax.sharding.NamedSharding(mesh, P("data")))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
     chex.assert_trees_all_close(jax.jit(sharded)(params, x, y), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_micro_batches_in_vectorized_chunks_match_the_scan(stable):
+    """The exact path for any model: one ascent per example, chunks of them under vmap."""
+    params = mlp_params(jax.random.key(0), [5, 7, 3])
+    loss_fn = cross_entropy_loss(mlp)
+    x, y = batch(8)
+    tx = sam_optax.sam(RHO, stable=stable)
+    micro_batches = (x.reshape(8, 1, 5), y.reshape(8, 1, 3))
+
+    def update(chunk):
+        return tx.update(
+            None, tx.init(params), params, grad_fn=lambda p, b: jax.grad(loss_fn)(p, *b),
+            micro_batches=micro_batches, micro_batch_chunk=chunk,
+        )[0]  # fmt: skip
+
+    scanned = update(1)
+    if not stable:
+        chex.assert_trees_all_close(scanned, reference(loss_fn, params, x, y, RHO), **TOLERANCE)
+    for chunk in (4, 8):
+        chex.assert_trees_all_close(jax.jit(update, static_argnums=0)(chunk), scanned, **TOLERANCE)
+    with pytest.raises(ValueError, match="micro_batch_chunk must be an int >= 1 that divides"):
+        update(3)

@@ -8,6 +8,7 @@ Every configuration is one jitted training step (gradient, transformation, SGD u
 efficiency frontier's model, the 784-512-512-10 Flax MLP on a batch of 128 synthetic 28x28
 images: ``sgd``; ``sam`` (two passes); ``m1_scan`` (``sam(...).update(None, ...,
 micro_batches=...)`` with one example per micro-batch, the frontier's former m = 1);
+``m1_vmap16`` (the same with ``micro_batch_chunk=16``: 16 ascents at once under `jax.vmap`);
 ``m1_exact`` and ``m16_exact`` (:func:`sam_optax.per_example.value_and_grad` and
 :func:`sam_optax.per_example_sam`); ``head1`` and ``head2`` (:func:`sam_optax.per_example.sam_loss`
 on the last one or two dense layers, one pass). Steps run round-robin (the timing protocol of
@@ -32,7 +33,7 @@ from experiments import runtime
 from experiments.benchmarks import common, timing
 
 RHO = 0.05
-CONFIGS = ("sgd", "sam", "m1_scan", "m1_exact", "m16_exact", "head1", "head2")
+CONFIGS = ("sgd", "sam", "m1_scan", "m1_vmap16", "m1_exact", "m16_exact", "head1", "head2")
 
 
 class MLP(nn.Module):
@@ -61,12 +62,12 @@ def make_steps(model: nn.Module, batch_size: int) -> dict:
         updates, opt_state = sgd.update(jax.grad(loss_fn)(params, x, y), opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def with_sam(tx, micro_batch, params, opt_state, x, y):
+    def with_sam(tx, micro_batch, chunk, params, opt_state, x, y):
         if micro_batch:
             split = lambda v: v.reshape(-1, micro_batch, *v.shape[1:])  # noqa: E731
             updates, opt_state = tx.update(
                 None, opt_state, params, grad_fn=lambda p, b: jax.grad(loss_fn)(p, *b),
-                micro_batches=(split(x), split(y)),
+                micro_batches=(split(x), split(y)), micro_batch_chunk=chunk,
             )  # fmt: skip
         else:
             grad_fn = lambda p: jax.grad(loss_fn)(p, x, y)  # noqa: E731
@@ -89,8 +90,9 @@ def make_steps(model: nn.Module, batch_size: int) -> dict:
     per_example = optax.chain(sam_optax.per_example_sam(RHO), sgd)
     functions = {
         "sgd": (plain, sgd),
-        "sam": (functools.partial(with_sam, sam, 0), sam),
-        "m1_scan": (functools.partial(with_sam, sam, 1), sam),
+        "sam": (functools.partial(with_sam, sam, 0, 1), sam),
+        "m1_scan": (functools.partial(with_sam, sam, 1, 1), sam),
+        "m1_vmap16": (functools.partial(with_sam, sam, 1, min(16, batch_size)), sam),
         "m1_exact": (functools.partial(exact, per_example, 1), per_example),
         "m16_exact": (functools.partial(exact, per_example, min(16, batch_size)), per_example),
         "head1": (functools.partial(head, 1), sgd),
