@@ -25,11 +25,11 @@ from sam_optax._gsam import GSAMState, gsam, gsam_rho_schedule
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._momentum_sam import MomentumSAMState, momentum_sam
 from sam_optax._parallel import per_device
-from sam_optax.per_example import PerExampleSAMState, per_example_sam
 from sam_optax._sam import SAMState, asam, perturbation, sam, stable_sam, usam
 from sam_optax._sparse_sam import SparseSAMState, sparse_sam
 from sam_optax._switching import ascent_steps, periodic_rho_schedule, randomized_rho_schedule
 from sam_optax._vasso import VaSSOState, vasso
+from sam_optax.per_example import PerExampleSAMState, per_example_sam
 
 __version__ = "0.1.0"
 

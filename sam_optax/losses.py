@@ -105,8 +105,9 @@ def last_layer_l2_penalty(
 
     Example:
       >>> import jax.numpy as jnp, sam_optax
-      >>> float(sam_optax.losses.last_layer_l2_penalty(
-      ...     jnp.ones((2, 2)), jnp.ones((3, 2)), weight_penalty=0.1, feature_penalty=0.5))
+      >>> penalty = sam_optax.losses.last_layer_l2_penalty(
+      ...     jnp.ones((2, 2)), jnp.ones((3, 2)), weight_penalty=0.1, feature_penalty=0.5)
+      >>> round(float(penalty), 4)
       1.4
 
     References:
