@@ -110,7 +110,7 @@ BASELINE, FULL_SAM = "sgd", "sam"
 FAMILY_COLORS = {
     "sgd": "k", "sam": "C1", "stable_sam": "C0", "late": "C2", "every": "C3", "looksam": "C7",
     "rst": "C4", "ae_sam": "C5", "esam": "C6", "momentum_sam": "C8", "sparse_sam_fisher": "C9",
-    "sparse_sam_dynamic": "#393b79", "head": "#2ca02c", "penalty": "#9467bd",
+    "sparse_sam_dynamic": "#393b79", "head": "darkturquoise", "penalty": "saddlebrown",
 }  # fmt: skip
 # The target: this share of full SAM's gain at no more than this many gradient evaluations
 # relative to SGD.
