@@ -70,8 +70,8 @@ class Variant:
     # Among the variants the StableSAM protocol's sweep compares by default (the others are
     # there to pick with --optimizers).
     in_protocol: bool = True
-    # One of the cheaper variants, compared by experiments.papers.efficiency (the label-noise
-    # table keeps to the others).
+    # Compared by experiments.papers.efficiency, the cheaper variants and the per-example ones
+    # (the label-noise table keeps to the others).
     cheaper: bool = False
     # The grad_fn evaluations of a run beyond the first gradient of each step, from whether each
     # step ascends (rho > 0), the factory's options and the variant's final state (see
@@ -365,7 +365,7 @@ for _mask, _label, _color in (("fisher", "SSAM-F", "#c5b0d5"), ("dynamic", "SSAM
 
 _BAEK = "Baek et al., ICLR 2024"
 register(Variant(
-    name="per_example_sam", cheaper=False, label="1-SAM, two passes", color="#ff7f0e",
+    name="per_example_sam", cheaper=True, label="1-SAM, two passes", color="#ff7f0e",
     paper=_BAEK, help="exact per-example SAM on the dense layers in two passes, groups of "
     "--sam-micro-batch examples (0: the device's batch; no BatchNorm)",
     default_rho=0.05, factory=sam_optax.per_example_sam, in_protocol=False, config_fields={},

@@ -33,7 +33,8 @@ def test_the_registry_holds_the_expected_variants():
     assert set(EXPECTED_KNOBS) <= set(optimizer_registry.VARIANTS)
     for name, variant in optimizer_registry.VARIANTS.items():
         assert variant.name == name and variant.label and variant.color and variant.paper
-        assert variant.default_rho > 0
+        # The last-layer penalty is a regularizer: it has no ascent and no rho.
+        assert variant.default_rho > 0 or name == "last_layer_penalty"
         assert variant.adaptive_rho == variant.knobs.get("adaptive", False)
 
 

@@ -69,13 +69,15 @@ def run_model(model_name: str, args: argparse.Namespace, log=print):
     )
 
     def config(optimizer: str):
+        # The base optimizer of the peer is the sgd configuration's, which takes no rho.
+        rho = {} if optimizer == "sgd" else {"rho": args.rho}
         return common.benchmark_config(
             model_name,
             optimizer,
             batch_size=args.batch_size,
             dtype=args.dtype,
             model_kwargs=model_kwargs,
-            rho=args.rho,
+            **rho,
         )
 
     transformations = {
